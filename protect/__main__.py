@@ -1,0 +1,5 @@
+import sys
+
+from protect.cli import main
+
+sys.exit(main())

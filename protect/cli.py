@@ -1,0 +1,208 @@
+"""`protect`: train CMIM / MCMI / baseline teachers, evaluate them (CMI, NCMI, ECE), export them to ONNX."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from protect.registry import UnknownNameError
+
+EXIT_USAGE = 2
+
+DATASET_DEFAULTS: dict[str, dict] = {
+    "fashion-mnist": {"arch": "cnn-medium", "epochs": 10, "lr": 0.05, "batch_size": 128},
+    "digits": {"arch": "cnn-small", "epochs": 20, "lr": 0.05, "batch_size": 64},
+    "cifar10": {"arch": "resnet20", "epochs": 100, "lr": 0.1, "batch_size": 128},
+    "cifar100": {"arch": "resnet20", "epochs": 100, "lr": 0.1, "batch_size": 128},
+    "imagefolder": {"arch": "cnn-small", "epochs": 30, "lr": 0.05, "batch_size": 64},
+}
+
+TRAIN_EPILOG = """\
+modes:
+  ce      cross-entropy baseline
+  ls      label smoothing (--epsilon)
+  cmim    CE + λ·A_T[w(T)·CMI_T]: concentrates each class's outputs at every temperature so that
+          knockoff students learn nothing beyond labels (undistillable)
+  mcmi    CE − λ·CMI_1, fine-tuning a trained teacher (--init RUN) to help partners' students
+  nasty   Nasty Teacher: CE − ω·τ²·KL(teacher ‖ reference), reference = a CE run (--reference RUN)
+
+examples:
+  protect train --mode cmim --dataset fashion-mnist --out runs/cmim
+  protect train --mode cmim --lam 5 --temperatures 1,2,4,8,16 --aggregator max --weighting T2 --out runs/cmim-max
+  protect train --mode mcmi --init runs/ce --epochs 5 --lr 0.01 --out runs/mcmi
+  torchrun --nproc_per_node 2 --no-python protect train --mode cmim --dataset digits --out runs/ddp
+  protect train --out runs/cmim --resume        # continue after Ctrl-C or a crash
+"""
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as is, exit status 2."""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be positive numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from protect.data import DATASETS
+    from protect.models import ARCHS
+    from protect.objectives import OBJECTIVES
+
+    parser = argparse.ArgumentParser(prog="protect", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a teacher", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--mode", default="cmim", help=f"objective: {', '.join(OBJECTIVES.names())} (default cmim)")
+    t.add_argument("--dataset", default="fashion-mnist", help=f"{', '.join(DATASETS.names())} (default fashion-mnist)")
+    t.add_argument("--data-dir", help="where the dataset's files are (default: the Debian path for fashion-mnist)")
+    t.add_argument("--download", action="store_true", help="download the dataset with torchvision (needs a network)")
+    t.add_argument("--train-limit", type=int, help="use only the first N training rows (quick experiments)")
+    t.add_argument("--arch", help=f"{', '.join(ARCHS.names())}, or module:factory (default per dataset)")
+    t.add_argument("--out", required=True, type=Path, help="run directory (config.json, metrics.jsonl, checkpoints)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g = t.add_argument_group("optimisation (defaults per dataset)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "step", "none"])
+    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 disables)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (data is in memory)")
+    c = t.add_argument_group("cmim / mcmi")
+    c.add_argument("--lam", type=float, help="λ: CMI weight (cmim default 5, mcmi default 0.25)")
+    c.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0],
+                   help="cmim temperature grid, comma-separated (default 1,2,4,8,16)")
+    c.add_argument("--aggregator", default="mean", choices=["mean", "max", "softmax"],
+                   help="how CMI over the grid is combined: mean (paper), max / softmax (worst case over T)")
+    c.add_argument("--weighting", default="1", choices=["1", "T2"], help="w(T): 1 or T² (keeps high T from vanishing)")
+    c.add_argument("--centroid-momentum", type=float, default=0.9, help="EMA momentum of the class centroids")
+    c.add_argument("--exact-centroids", action="store_true", help="recompute exact class centroids at each epoch start")
+    c.add_argument("--init", type=Path, help="mcmi: run directory of the trained teacher to fine-tune")
+    n = t.add_argument_group("nasty / ls")
+    n.add_argument("--reference", type=Path, help="nasty: run directory of a CE-trained reference model")
+    n.add_argument("--tau", type=float, default=4.0, help="nasty: temperature τ")
+    n.add_argument("--omega", type=float, default=0.04, help="nasty: weight ω")
+    n.add_argument("--epsilon", type=float, default=0.1, help="ls: smoothing ε")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--json", action="store_true", help="print the final summary as JSON")
+
+    e = sub.add_parser("eval", help="accuracy, CMI per temperature, separation, NCMI and ECE on the test split")
+    e.add_argument("path", type=Path, help="a run directory or an exported model directory")
+    e.add_argument("--dataset", help="dataset to evaluate on (default: the one the model was trained on)")
+    e.add_argument("--data-dir")
+    e.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+
+    x = sub.add_parser("export", help="export a run to model.onnx + model.json (checks ONNX/torch parity)")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--out", required=True, type=Path, help="model directory to write")
+    x.add_argument("--data-dir")
+    x.add_argument("--force", action="store_true", help="replace an existing model directory")
+
+    sub.add_parser("list", help="list modes, datasets and architectures")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from protect import teacher
+
+    summary = teacher.run_training(args)
+    if summary is None:
+        return 130
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif summary.get("rank", 0) == 0:
+        cmi = " ".join(f"T={t}: {v:.4f}" for t, v in summary["test_cmi"].items())
+        print(f"{summary['mode']} teacher on {summary['dataset']}: test accuracy {summary['test_accuracy']:.4f}; "
+              f"CMI {cmi}; run in {summary['run_dir']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from protect.data import load_dataset
+    from protect.metrics import classifier_report
+    from protect.predict import load_predictor
+
+    predictor = load_predictor(args.path)
+    card = predictor.card
+    splits = load_dataset(args.dataset or card.dataset, args.data_dir)
+    if splits.input_shape != list(card.input_shape) or splits.num_classes != card.num_classes:
+        raise UsageError(f"{args.path} expects inputs {card.input_shape} and {card.num_classes} classes; dataset "
+                         f"{splits.name} has {splits.input_shape} and {splits.num_classes}")
+    logits = torch.from_numpy(predictor.logits(splits.test_x.numpy()))
+    report = {"path": str(args.path), "dataset": splits.name, "mode": card.mode,
+              **classifier_report(logits, splits.test_y, card.num_classes, args.temperatures)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.path} ({card.mode}, {card.arch}) on {splits.name} test split ({report['rows']} rows)")
+        print(f"  accuracy    {report['accuracy']:.4f}")
+        print(f"  ECE         {report['ece']:.4f}")
+        print(f"  separation  {report['separation']:.4f}   NCMI (T=1) {report['ncmi']:.4f}")
+        for t, v in report["cmi"].items():
+            print(f"  CMI T={t:<5} {v:.6f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from protect.export import export_run
+
+    card = export_run(args.run_dir, args.out, data_dir=args.data_dir, force=args.force)
+    print(f"exported {args.run_dir} → {args.out} (test accuracy {card['test_accuracy']:.4f}, "
+          f"ONNX/torch max |Δp| {card['parity_max_abs_diff']:.1e}, sha256 {card['onnx_sha256'][:16]}…)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from protect.data import DATASETS
+    from protect.models import ARCHS
+    from protect.objectives import OBJECTIVES
+
+    print("modes:         " + ", ".join(OBJECTIVES.names()))
+    print("datasets:      " + ", ".join(DATASETS.names()))
+    print("architectures: " + ", ".join(ARCHS.names()) + ", or module:factory")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from protect.card import ModelDirError
+    from protect.data import DatasetNotFoundError
+    from protect.export import ExportError
+    from protect.runs import RunDirError
+    from protect.trainer import CheckpointError, NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "list": cmd_list}
+    try:
+        return handlers[args.command](args)
+    except (UnknownNameError, UsageError, DatasetNotFoundError) as exc:
+        print(f"protect {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ModelDirError, RunDirError, CheckpointError, ExportError, NonFiniteLossError) as exc:
+        print(f"protect {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"protect {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""What `protect eval` reports about a classifier's logits on a labelled split."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from protect.cmi import cmi_spectrum, normalised_cmi, separation
+
+DEFAULT_EVAL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -> float:
+    probs = torch.softmax(logits.float(), 1)
+    conf, pred = probs.max(1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            ece += mask.float().mean() * (conf[mask].mean() - correct[mask].mean()).abs()
+    return float(ece)
+
+
+def classifier_report(logits: Tensor, labels: Tensor, num_classes: int,
+                      temperatures: Sequence[float] = DEFAULT_EVAL_TEMPERATURES) -> dict:
+    """accuracy, CMI per temperature, separation Γ and NCMI at T=1, ECE."""
+    logits = logits.double()  # double keeps torch and ONNX runs equal to float tolerance
+    return {
+        "accuracy": float((logits.argmax(1) == labels).double().mean()),
+        "cmi": {f"{t:g}": v for t, v in cmi_spectrum(logits, labels, temperatures, num_classes).items()},
+        "separation": separation(logits, labels, 1.0, num_classes),
+        "ncmi": normalised_cmi(logits, labels, 1.0, num_classes),
+        "ece": expected_calibration_error(logits, labels),
+        "rows": int(len(labels)),
+    }

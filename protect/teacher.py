@@ -1,0 +1,120 @@
+"""Assemble a teacher's training run from CLI options: config, data, model, objective, then `fit`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from protect.cmi import cmi_spectrum
+from protect.data import load_dataset, make_loader, train_and_test_sets
+from protect.metrics import DEFAULT_EVAL_TEMPERATURES
+from protect.models import create_model
+from protect.objectives import OBJECTIVES
+from protect.runs import CONFIG, build_model, load_run_model, read_config, versions, write_config
+from protect.trainer import TrainConfig, distributed_context, fit
+
+
+def _usage(message: str) -> Exception:
+    from protect.cli import UsageError
+
+    return UsageError(message)
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    from protect.cli import DATASET_DEFAULTS
+
+    OBJECTIVES.get(args.mode)  # unknown mode → the list of valid ones, before any work
+    defaults = DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["imagefolder"])
+    if args.mode == "mcmi" and args.init is None:
+        raise _usage("--mode mcmi fine-tunes a trained teacher: pass --init RUN_DIR (e.g. a `--mode ce` run)")
+    if args.mode == "nasty" and args.reference is None:
+        raise _usage("--mode nasty needs --reference RUN_DIR, a CE-trained model of the same task")
+    if args.mode == "cmim":
+        options = {"lam": 5.0 if args.lam is None else args.lam, "temperatures": args.temperatures,
+                   "aggregator": args.aggregator, "weighting": args.weighting,
+                   "momentum": args.centroid_momentum, "exact_pass": args.exact_centroids}
+    elif args.mode == "mcmi":
+        options = {"lam": 0.25 if args.lam is None else args.lam, "momentum": args.centroid_momentum,
+                   "exact_pass": args.exact_centroids}
+    elif args.mode == "nasty":
+        options = {"tau": args.tau, "omega": args.omega}
+    elif args.mode == "ls":
+        options = {"epsilon": args.epsilon}
+    else:
+        options = {}
+    train = TrainConfig(
+        epochs=args.epochs or defaults["epochs"], lr=args.lr or defaults["lr"],
+        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, batch_size=args.batch_size or defaults["batch_size"], seed=args.seed,
+        device=args.device, amp=not args.no_amp, grad_clip=args.grad_clip or None)
+    if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
+        raise _usage("--epochs and --batch-size must be ≥ 1 and --lr > 0")
+    return {"mode": args.mode, "dataset": args.dataset, "data_dir": args.data_dir, "train_limit": args.train_limit,
+            "arch": args.arch or defaults["arch"], "objective_options": options, "train": train.to_dict(),
+            "init": str(args.init) if args.init else None,
+            "reference": str(args.reference) if args.reference else None,
+            "workers": args.workers, "command": " ".join(sys.argv), "versions": versions()}
+
+
+def _load_compatible(run_dir: str, config: dict, role: str) -> torch.nn.Module:
+    """A trained model from another run, checked against this run's classes and input shape first."""
+    try:
+        other = read_config(run_dir)
+    except Exception as exc:
+        raise _usage(f"{role} {run_dir}: {exc}") from exc
+    for key in ("num_classes", "input_shape"):
+        if other.get(key) != config[key]:
+            raise _usage(f"{role} {run_dir} has {key}={other.get(key)} but this run's dataset {config['dataset']} "
+                         f"has {key}={config[key]}; use a run trained on the same task")
+    model, _ = load_run_model(run_dir)
+    return model
+
+
+def run_training(args: argparse.Namespace) -> dict | None:
+    """Train (or resume) a teacher; returns a summary, or None when interrupted."""
+    out: Path = args.out
+    if args.resume:
+        config = read_config(out)
+    else:
+        if (out / CONFIG).exists():
+            raise _usage(f"{out} already holds a run; add --resume to continue it, or choose another --out")
+        config = config_from_args(args)
+    splits = load_dataset(config["dataset"], config["data_dir"], download=getattr(args, "download", False))
+    splits = splits.subset_train(config["train_limit"])
+    config.update(num_classes=splits.num_classes, classes=splits.classes, input_shape=splits.input_shape,
+                  normalization={"mean": splits.mean, "std": splits.std})
+    c, h, _ = splits.input_shape
+    options = dict(config["objective_options"])
+    if config["mode"] == "nasty":
+        options["reference"] = _load_compatible(config["reference"], config, "--reference")
+    model = create_model(config["arch"], splits.num_classes, c, h) if ":" in config["arch"] else build_model(config)
+    if config["mode"] == "mcmi" and not args.resume:
+        init = _load_compatible(config["init"], config, "--init")
+        if type(init) is not type(model) or init.state_dict().keys() != model.state_dict().keys():
+            raise _usage(f"--init {config['init']} is a different architecture; pass --arch {read_config(config['init'])['arch']}")
+        model.load_state_dict(init.state_dict())
+    objective = OBJECTIVES.get(config["mode"])(splits.num_classes, **options)
+
+    rank, world = distributed_context()
+    if rank == 0 and not args.resume:
+        write_config(out, config)
+    train_cfg = TrainConfig(**config["train"])
+    train_set, test_set = train_and_test_sets(splits)
+    train_loader = make_loader(train_set, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                               workers=config.get("workers", 0), distributed=world > 1)
+    test_loader = make_loader(test_set, 1024, shuffle=False)
+
+    def epoch_metrics(_model, logits, labels) -> dict:
+        cmi = cmi_spectrum(logits, labels, DEFAULT_EVAL_TEMPERATURES, splits.num_classes)
+        return {"test_cmi": {f"{t:g}": v for t, v in cmi.items()}}
+
+    result = fit(model, objective, train_loader, test_loader, train_cfg, out, resume=args.resume,
+                 progress=not getattr(args, "quiet", False), desc=config["mode"], epoch_metrics=epoch_metrics)
+    if result.interrupted:
+        return None
+    last = result.history[-1]
+    return {"mode": config["mode"], "dataset": config["dataset"], "arch": config["arch"], "run_dir": str(out),
+            "test_accuracy": result.test_accuracy, "rank": rank,
+            "test_cmi": {t: last["test_cmi"][t] for t in ("1", "4", "16")}, "epochs": len(result.history)}
