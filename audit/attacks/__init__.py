@@ -1,0 +1,137 @@
+"""The attack battery (DESIGN §4): one class per file, a registry `ATTACKS`, and the references (LS, CE).
+
+`ATTACKS.get(name)` gives an `AttackSpec`; `expand_attacks("all" | "a,b,...")` turns a selection into the
+concrete students to train (`kd` becomes one variant per (T, α) of its grid, e.g. `kd-T4-a0.9`; a single
+variant may also be named directly).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protect.objectives.base import Objective
+from protect.registry import Registry, UnknownNameError
+
+from audit.attacks.base import Attack, AttackContext
+from audit.attacks.calibrated_kd import CalibratedKD, calibration_slice, fit_temperature
+from audit.attacks.dkd import DKD
+from audit.attacks.hard_label import HardLabel
+from audit.attacks.kd import FULL_GRID, KD, QUICK_GRID, variant_name
+from audit.attacks.logit_mse import LogitMSE
+from audit.attacks.logit_std import LogitStd
+from audit.attacks.mimkd import MIMKD
+from audit.attacks.skeptical import Skeptical
+from audit.attacks.vid import VID
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    summary: str
+    build: Callable[..., Objective]  # build(ctx: AttackContext, **options)
+    needs_soft: bool = True  # False: the teacher's label is enough (a label-only endpoint can be attacked)
+    grid: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One concrete student recipe: an attack (or reference) with fixed options."""
+
+    name: str
+    attack: str
+    options: dict
+    needs_soft: bool = True
+
+    def build(self, ctx: AttackContext) -> Objective:
+        if self.attack in REFERENCE_NAMES:
+            return _build_reference(self.attack, ctx, **self.options)
+        return ATTACKS.get(self.attack).build(ctx, **self.options)
+
+
+def _calibrated(ctx: AttackContext, **options) -> CalibratedKD:
+    if ctx.teacher_logp is None or ctx.labels is None:
+        raise ValueError("calibrated-kd needs the transfer set's teacher log-probabilities and labels")
+    idx = calibration_slice(len(ctx.labels))
+    tau = fit_temperature(ctx.teacher_logp[idx], ctx.labels[idx])
+    return CalibratedKD(tau, **options)
+
+
+ATTACKS: Registry[AttackSpec] = Registry("attack")
+for _spec in [
+    AttackSpec("kd", "Hinton KD: α·T²·KL(teacher^T ‖ student^T) + (1−α)·CE, over T∈{1,2,4,8,16,32} × α∈{0.5,0.9}",
+               lambda ctx, **o: KD(**o), grid=FULL_GRID),
+    AttackSpec("hard-label", "CE on the teacher's argmax (the only attack a label-only endpoint allows)",
+               lambda ctx, **o: HardLabel(**o), needs_soft=False),
+    AttackSpec("logit-mse", "MSE between student logits and the teacher's centred log-probs, + CE",
+               lambda ctx, **o: LogitMSE(**o)),
+    AttackSpec("logit-std", "KD on z-scored logits (logit standardisation, CVPR 2024): T 2, weight 9, + 0.1·CE",
+               lambda ctx, **o: LogitStd(**o)),
+    AttackSpec("dkd", "decoupled KD (CVPR 2022): α 1·TCKD + β 8·NCKD at T 4 with warm-up, + CE",
+               lambda ctx, **o: DKD(**o)),
+    AttackSpec("skeptical", "Skeptical Student (NeurIPS 2021): teacher KD only on an auxiliary mid-layer head, "
+               "after a delay; final head from labels + self-distillation",
+               lambda ctx, **o: Skeptical(ctx.num_classes, ctx.feature_dims, **o)),
+    AttackSpec("calibrated-kd", "temperature-scale the teacher on a held-out 10% slice against labels, then KD",
+               _calibrated),
+    AttackSpec("vid", "variational information distillation (seed 002): Gaussian q(t|s), MLP mean, learned variance",
+               lambda ctx, **o: VID(ctx.num_classes, ctx.feature_dims, **o)),
+    AttackSpec("mimkd", "MI maximisation (seed 001): Jensen–Shannon bound, critic on (student feature, teacher "
+               "output), in-batch negatives", lambda ctx, **o: MIMKD(ctx.num_classes, ctx.feature_dims, **o)),
+]:
+    ATTACKS.register(_spec.name)(_spec)
+
+BATTERY = ("kd", "hard-label", "logit-mse", "logit-std", "dkd", "skeptical", "calibrated-kd", "vid", "mimkd")
+assert sorted(BATTERY) == ATTACKS.names()
+LS_EPSILONS = (0.05, 0.1, 0.2)
+REFERENCE_NAMES = ("ls", "ce")
+
+
+def _build_reference(name: str, ctx: AttackContext, **options) -> Objective:
+    from protect.objectives import OBJECTIVES
+
+    return OBJECTIVES.get(name)(ctx.num_classes, **options)
+
+
+def reference_variants(ls_epsilons=LS_EPSILONS) -> list[Variant]:
+    """The label-only references: LS over its ε grid (the best ε is reported) and a plain CE student."""
+    return [Variant(f"ls-e{e:g}", "ls", {"epsilon": float(e)}, needs_soft=False) for e in ls_epsilons] + \
+        [Variant("ce", "ce", {}, needs_soft=False)]
+
+
+_KD_VARIANT = re.compile(r"^kd-T([0-9.]+)-a([0-9.]+)$")
+
+
+def expand_attacks(selection: str | list[str], kd_grid: str = "full") -> list[Variant]:
+    """'all' or a comma-separated list of attack (or kd variant) names → the variants to train, in order.
+
+    Raises UnknownNameError listing the valid names for an unknown one.
+    """
+    names = [n.strip() for n in (selection.split(",") if isinstance(selection, str) else selection) if n.strip()]
+    if not names:
+        raise UnknownNameError(f"no attack named; valid names: all, {', '.join(ATTACKS.names())}")
+    if "all" in names:
+        names = list(BATTERY)
+    if kd_grid not in ("full", "quick"):
+        raise ValueError(f"kd grid must be 'full' or 'quick', got {kd_grid!r}")
+    out: list[Variant] = []
+    for name in names:
+        m = _KD_VARIANT.match(name)
+        if m:
+            t, a = float(m.group(1)), float(m.group(2))
+            out.append(Variant(variant_name(t, a), "kd", {"temperature": t, "alpha": a}))
+            continue
+        spec = ATTACKS.get(name)
+        if spec.grid:
+            grid = FULL_GRID if kd_grid == "full" else QUICK_GRID
+            for t in grid["temperature"]:
+                for a in grid["alpha"]:
+                    out.append(Variant(variant_name(t, a), "kd", {"temperature": t, "alpha": a}))
+        else:
+            out.append(Variant(name, name, {}, needs_soft=spec.needs_soft))
+    seen: set[str] = set()
+    return [v for v in out if not (v.name in seen or seen.add(v.name))]
+
+
+__all__ = ["ATTACKS", "BATTERY", "AttackContext", "AttackSpec", "Attack", "Variant", "expand_attacks", "reference_variants",
+           "LS_EPSILONS", "KD", "HardLabel", "LogitMSE", "LogitStd", "DKD", "Skeptical", "CalibratedKD", "VID", "MIMKD"]

@@ -1,0 +1,167 @@
+"""`audit`: query a model as a black box, train knockoff students with a battery of KD attacks, give a verdict.
+
+  audit run --endpoint http://127.0.0.1:3000 --api-key KEY --dataset fashion-mnist --out reports/fm
+  audit run --model models/cmim --dataset digits --attacks kd,vid --seeds 2 --epochs 2 --out reports/d
+  audit attacks                 # the battery, one line each
+  audit report reports/fm       # re-render report.md / report.html from report.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+RUN_EPILOG = """\
+The transfer set is the dataset's training split (the first --budget rows when given); students are
+evaluated on its test split. Every row is queried once per audit: answers are cached in OUT/cache as they
+arrive, so rerunning the same command after an interruption asks only for the missing rows and reuses the
+students already trained. Exit status: 0 done, 1 oracle/report failure, 2 bad input, 130 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="audit a served or exported model", epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = r.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", help="base URL of the served model, e.g. http://127.0.0.1:3000")
+    target.add_argument("--model", type=Path, help="an exported model directory (model.onnx + model.json), run in-process")
+    r.add_argument("--api-key", default=os.environ.get("AUDIT_API_KEY"), help="API key (default: $AUDIT_API_KEY)")
+    r.add_argument("--dataset", default="fashion-mnist", help="dataset the transfer and test sets come from")
+    r.add_argument("--data-dir", help="where the dataset's files are")
+    r.add_argument("--student", default="cnn-small", help="student architecture (protect's names or module:factory)")
+    r.add_argument("--attacks", default="all", help="all, or comma-separated names (see `audit attacks`); "
+                                                    "kd variants like kd-T2-a0.5 may be named directly")
+    r.add_argument("--kd-grid", default="full", choices=["full", "quick"],
+                   help="kd's grid: full = T∈{1,2,4,8,16,32} × α∈{0.5,0.9}; quick = T∈{2,4} × α∈{0.5,0.9}")
+    r.add_argument("--ls-epsilons", default="0.05,0.1,0.2", help="label-smoothing ε grid of the reference student")
+    r.add_argument("--seeds", type=int, default=3, help="paired seeds (0..N-1) per student recipe (default 3)")
+    r.add_argument("--epochs", type=int, default=4, help="epochs per student (default 4)")
+    r.add_argument("--budget", type=int, help="query at most this many transfer rows (the first N of the split)")
+    r.add_argument("--lr", type=float, help="student learning rate (default per dataset)")
+    r.add_argument("--batch-size", type=int, help="student batch size (default per dataset)")
+    r.add_argument("--query-batch", type=int, default=1024, help="rows per request to the oracle (default 1024)")
+    r.add_argument("--floor", type=float, default=1e-6, help="probability floor for log-prob recovery (default 1e-6)")
+    r.add_argument("--retries", type=int, default=5, help="retries on connection errors, 429 and 503 (default 5)")
+    r.add_argument("--max-wait", type=float, default=60.0, help="longest single wait between retries, s (default 60)")
+    r.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout per request, s (default 60)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--out", required=True, type=Path, help="report directory (cache, students, report.*)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or table")
+
+    sub.add_parser("attacks", help="list the attack battery")
+    p = sub.add_parser("report", help="re-render report.md and report.html from REPORT_DIR/report.json")
+    p.add_argument("report_dir", type=Path)
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise UsageError(f"{flag}: values must lie in [0, 1), got {text!r}")
+    return values
+
+
+class UsageError(ValueError):
+    pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from audit.oracle import HttpOracle, OnnxOracle
+    from audit.report import print_table, write_report
+    from audit.runner import AuditSettings, run_audit
+
+    if args.query_batch < 1 or args.retries < 0 or not 0 < args.floor < 1:
+        raise UsageError("--query-batch must be ≥ 1, --retries ≥ 0 and --floor in (0, 1)")
+    settings = AuditSettings(
+        dataset=args.dataset, student=args.student, out=args.out, attacks=args.attacks, seeds=args.seeds,
+        epochs=args.epochs, budget=args.budget, kd_grid=args.kd_grid,
+        ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"), data_dir=args.data_dir, lr=args.lr,
+        batch_size=args.batch_size, query_batch=args.query_batch, floor=args.floor, device=args.device,
+        progress=not args.quiet, command="audit " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                                            if a != args.api_key))
+    if args.endpoint:
+        oracle = HttpOracle(args.endpoint, args.api_key, timeout=args.timeout, retries=args.retries,
+                            max_wait=args.max_wait)
+    else:
+        oracle = OnnxOracle(args.model)
+    try:
+        report = run_audit(settings, oracle)
+    finally:
+        oracle.close()
+    paths = write_report(report, args.out)
+    if not args.quiet:
+        print_table(report)
+        print(f"report: {paths[2]} (also {paths[1].name}, {paths[0].name})")
+    else:
+        print(report["verdict"]["statement"])
+    return 130 if not report["complete"] else 0
+
+
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from audit.attacks import ATTACKS, BATTERY, LS_EPSILONS
+
+    width = max(len(n) for n in BATTERY)
+    for name in BATTERY:
+        print(f"{name:<{width}}  {ATTACKS.get(name).summary}")
+    print(f"{'references':<{width}}  label smoothing ε ∈ {{{', '.join(f'{e:g}' for e in LS_EPSILONS)}}} (best is "
+          "the reference for Δ) and a plain CE student")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from audit.report import load_report, print_table, write_report
+
+    report = load_report(args.report_dir)
+    paths = write_report(report, args.report_dir)
+    if not args.quiet:
+        print_table(report)
+    print(f"report: {paths[2]} (also {paths[1].name})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from protect.card import ModelDirError
+    from protect.data import DatasetNotFoundError
+    from protect.registry import UnknownNameError
+    from protect.trainer import NonFiniteLossError
+
+    from audit.cache import CacheMismatchError
+    from audit.oracle import OracleError, OracleMismatchError
+    from audit.report import ReportError
+    from audit.runner import AuditUsageError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "attacks": cmd_attacks, "report": cmd_report}
+    prefix = f"audit {args.command}: error:"
+    try:
+        return handlers[args.command](args)
+    except (UnknownNameError, UsageError, AuditUsageError, DatasetNotFoundError, OracleMismatchError,
+            CacheMismatchError) as exc:
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OracleError, ModelDirError, ReportError, NonFiniteLossError) as exc:
+        out = getattr(args, "out", None)
+        kept = f" Answers received so far are kept in {out}/cache; rerun the same command to continue." \
+            if out and (Path(out) / "cache").exists() else ""
+        print(f"{prefix} {exc}{kept}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("audit: interrupted; answers and finished students are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

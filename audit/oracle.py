@@ -1,0 +1,259 @@
+"""The black box the audit plays against: one interface, two implementations.
+
+`HttpOracle` talks to a served model (`GET /metadata`, `POST /predict_npy` with raw .npy bodies, see
+docs/interfaces.md); `OnnxOracle` runs an exported model directory in-process. Both answer raw [0, 1]
+pixels (N, C, H, W) with probability-like rows (N, num_classes) under the model's output policy.
+`collect_answers` fills an `AnswerCache` batch by batch, asking only for the rows it lacks.
+"""
+from __future__ import annotations
+
+import email.utils
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class OracleError(RuntimeError):
+    """The oracle cannot answer; the message says why and what to do."""
+
+
+class OracleAuthError(OracleError):
+    """401/403: no or wrong API key."""
+
+
+class OracleUnavailableError(OracleError):
+    """Connection failures, 503s or 429s that outlasted the retries."""
+
+
+class OracleMismatchError(OracleError):
+    """The model behind the oracle does not fit the dataset (classes, input shape)."""
+
+
+@dataclass
+class OracleInfo:
+    num_classes: int
+    input_shape: list[int]
+    classes: list[str]
+    model_sha256: str
+    mode: str | None = None
+    policy: dict = field(default_factory=lambda: {"kind": "probs", "k": None, "decimals": None})
+    max_batch_rows: int | None = None
+    source: str = ""
+
+    @property
+    def label_only(self) -> bool:
+        return self.policy.get("kind") == "label"
+
+    def to_dict(self) -> dict:
+        return {"num_classes": self.num_classes, "input_shape": self.input_shape, "model_sha256": self.model_sha256,
+                "mode": self.mode, "output_policy": self.policy, "max_batch_rows": self.max_batch_rows,
+                "source": self.source}
+
+
+class Oracle(Protocol):
+    def metadata(self) -> OracleInfo: ...
+
+    def query(self, raw: np.ndarray) -> np.ndarray:
+        """Raw [0, 1] pixels (n, C, H, W) float32 → answers (n, num_classes) float32."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_compatible(info: OracleInfo, dataset: str, num_classes: int, input_shape: list[int],
+                     classes: list[str]) -> None:
+    """Raise OracleMismatchError if the model cannot be audited with this dataset."""
+    problems = []
+    if info.num_classes != num_classes:
+        problems.append(f"{info.num_classes} classes, dataset {dataset} has {num_classes}")
+    if list(info.input_shape) != list(input_shape):
+        problems.append(f"input shape {list(info.input_shape)}, dataset {dataset} has {list(input_shape)}")
+    if not problems and info.classes and list(info.classes) != list(classes):
+        problems.append(f"classes {info.classes[:3]}…, dataset {dataset} has {classes[:3]}…")
+    if problems:
+        raise OracleMismatchError(f"the model at {info.source} does not fit --dataset {dataset}: the model has "
+                                  + "; ".join(problems) + ". Pick the dataset the model was trained on. "
+                                  "Nothing was queried.")
+
+
+def apply_policy(probs: np.ndarray, policy: dict) -> np.ndarray:
+    """What a server with this output policy returns for these probabilities (docs/interfaces.md)."""
+    out = np.asarray(probs, dtype=np.float32).copy()
+    kind = policy.get("kind", "probs")
+    if kind == "label":
+        one_hot = np.zeros_like(out)
+        one_hot[np.arange(len(out)), out.argmax(1)] = 1.0
+        return one_hot
+    if kind == "topk":
+        k = int(policy.get("k") or 1)
+        drop = np.argsort(-out, axis=1, kind="stable")[:, k:]
+        np.put_along_axis(out, drop, 0.0, axis=1)
+    elif kind != "probs":
+        raise ValueError(f"unknown output policy {kind!r}")
+    if policy.get("decimals") is not None:
+        out = np.round(out, int(policy["decimals"])).astype(np.float32)
+    return out
+
+
+class OnnxOracle:
+    """An exported model directory, run in-process with ONNX Runtime (CUDA only when a GPU is present)."""
+
+    def __init__(self, model_dir: str | Path, policy: dict | None = None, intra_threads: int | None = None):
+        from protect.card import ModelDirError
+        from protect.predict import OnnxPredictor
+
+        try:
+            self.predictor = OnnxPredictor(model_dir, intra_threads=intra_threads)
+        except ModelDirError as exc:
+            raise OracleError(str(exc)) from exc
+        card = self.predictor.card
+        self.policy = dict(policy or {"kind": "probs", "k": None, "decimals": None})
+        self.info = OracleInfo(card.num_classes, list(card.input_shape), list(card.classes), card.onnx_sha256,
+                               card.mode, self.policy, None, str(Path(model_dir).resolve()))
+        self.card = card
+
+    def metadata(self) -> OracleInfo:
+        return self.info
+
+    def query(self, raw: np.ndarray) -> np.ndarray:
+        logits = self.predictor.logits(np.asarray(raw, dtype=np.float32)).astype(np.float64)
+        logits -= logits.max(1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(1, keepdims=True)
+        return apply_policy(probs.astype(np.float32), self.policy)
+
+    def close(self) -> None:
+        pass
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class HttpOracle:
+    """A served model over HTTP. Retries connection errors, 429 and 503 with exponential backoff (honouring
+    Retry-After) up to `retries` times; 401/403 stop at once."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.5, max_wait: float = 60.0, transport=None,
+                 sleep: Callable[[float], None] = time.sleep):
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self.retries, self.backoff, self.max_wait, self.sleep = retries, backoff, max_wait, sleep
+        self.requests = 0
+        self.retried = 0
+        self.info: OracleInfo | None = None
+
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        last = ""
+        for attempt in range(self.retries + 1):
+            wait = min(self.max_wait, self.backoff * 2**attempt)
+            try:
+                response = self.client.request(method, path, **kwargs)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                last = f"cannot connect to {self.url}: {type(exc).__name__}: {exc}"
+            else:
+                self.requests += 1
+                status = response.status_code
+                if status < 400:
+                    return response
+                detail = _error_text(response)
+                if status in (401, 403):
+                    raise OracleAuthError(f"{self.url}{path}: HTTP {status} ({detail}). The API key is missing or "
+                                          "not accepted: pass a valid one with --api-key. Stopped at once.")
+                if status not in (429, 503):
+                    raise OracleError(f"{self.url}{path}: HTTP {status}: {detail}")
+                asked = _retry_after(response.headers.get("Retry-After"))
+                if asked is not None:
+                    if asked > self.max_wait:
+                        raise OracleUnavailableError(
+                            f"{self.url}{path}: HTTP {status} ({detail}); the server asks to wait {asked:.0f} s, "
+                            f"more than the {self.max_wait:.0f} s limit. Rerun the same command later.")
+                    wait = asked
+                last = f"HTTP {status} from {self.url}{path}: {detail}"
+            if attempt < self.retries:
+                self.retried += 1
+                self.sleep(wait)
+        raise OracleUnavailableError(f"{last} (gave up after {self.retries} retries)")
+
+    def metadata(self) -> OracleInfo:
+        response = self._request("GET", "/metadata")
+        try:
+            meta = response.json()
+            policy = meta.get("output_policy") or {"kind": "probs", "k": None, "decimals": None}
+            self.info = OracleInfo(int(meta["num_classes"]), [int(v) for v in meta["input_shape"]],
+                                   list(meta.get("classes") or []), str(meta.get("model_sha256") or ""),
+                                   meta.get("mode"), policy, meta.get("max_batch_rows"), self.url)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OracleError(f"{self.url}/metadata did not return the expected JSON ({exc}); is this an "
+                              "undistillable serving endpoint?") from exc
+        return self.info
+
+    def query(self, raw: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(raw, dtype=np.float32), allow_pickle=False)
+        response = self._request("POST", "/predict_npy", content=buf.getvalue(),
+                                 headers={"Content-Type": "application/octet-stream"})
+        try:
+            answers = np.load(io.BytesIO(response.content), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise OracleError(f"{self.url}/predict_npy returned something that is not an .npy array: {exc}") from exc
+        expected = (len(raw), self.info.num_classes if self.info else answers.shape[-1])
+        if answers.shape != expected:
+            raise OracleError(f"{self.url}/predict_npy answered shape {answers.shape}, expected {expected}")
+        return answers.astype(np.float32)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _error_text(response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            return "; ".join(str(body[k]) for k in ("error", "detail") if body.get(k)) or json.dumps(body)[:200]
+    except ValueError:
+        pass
+    return response.text[:200]
+
+
+def collect_answers(oracle: Oracle, cache, raw: np.ndarray, batch_rows: int, progress: bool = True) -> int:
+    """Ask the oracle for every row the cache lacks, `batch_rows` at a time, storing each batch as it arrives.
+    Returns the number of rows asked in this call. Errors propagate with everything answered so far kept."""
+    from tqdm import tqdm
+
+    missing = cache.missing()
+    if len(missing) == 0:
+        return 0
+    asked = 0
+    with tqdm(total=len(missing), desc="querying", unit="row", disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        for start in range(0, len(missing), batch_rows):
+            idx = missing[start:start + batch_rows]
+            answers = oracle.query(raw[idx])
+            cache.store(idx, answers)
+            asked += len(idx)
+            bar.update(len(idx))
+    return asked

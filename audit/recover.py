@@ -1,0 +1,54 @@
+"""From the oracle's answers to log-probabilities (DESIGN §3).
+
+Under the `probs` policy, log p = z − logsumexp(z), so softmax(log p / T) = softmax(z / T) exactly wherever
+p > 0. Top-k answers (zeros outside the top k), rounded answers (zeros below the rounding step) and
+float underflow leave entries at 0: they are clamped to a floor and counted. Rows are renormalised after
+clamping, which changes only each row's additive constant on the log scale. A label-only endpoint returns
+one-hot rows: detected here, so that only attacks that need labels alone are run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEFAULT_FLOOR = 1e-6
+
+
+@dataclass
+class Recovery:
+    logp: Tensor  # (N, C) float32 log-probabilities, each row's exp sums to 1
+    clamped_entries: int  # entries that were below the floor (or 0, NaN) and set to it
+    clamped_rows: int
+    label_only: bool  # every row is one-hot: the answers carry the label and nothing else
+    floor: float
+
+    def summary(self) -> dict:
+        n, c = self.logp.shape
+        return {"floor": self.floor, "clamped_entries": self.clamped_entries, "clamped_rows": self.clamped_rows,
+                "entries": n * c, "rows": n, "label_only": self.label_only}
+
+
+def is_one_hot(answers: np.ndarray) -> bool:
+    """True if every row has a single non-zero entry (a label-only policy)."""
+    a = np.asarray(answers)
+    if a.size == 0:
+        return False
+    return bool(((a > 0).sum(1) == 1).all())
+
+
+def recover_logp(answers: np.ndarray, floor: float = DEFAULT_FLOOR, label_only: bool | None = None) -> Recovery:
+    """Probability-like answers (N, C) → log-probabilities with a floor, and what was clamped."""
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"floor must be in (0, 1), got {floor}")
+    p = np.asarray(answers, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"answers must be (N, C), got shape {p.shape}")
+    bad = ~np.isfinite(p) | (p < floor)
+    p = np.where(bad, floor, p)
+    logp = np.log(p)
+    logp -= np.logaddexp.reduce(logp, axis=1, keepdims=True) if len(p) else 0.0
+    one_hot = is_one_hot(answers) if label_only is None else label_only
+    return Recovery(torch.from_numpy(logp.astype(np.float32)), int(bad.sum()), int(bad.any(1).sum()), one_hot, floor)
