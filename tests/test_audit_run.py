@@ -1,0 +1,279 @@
+"""End-to-end audits on `digits`: over HTTP against a stand-in server, and in-process on exported models.
+
+The stand-in server (`FakeServing`) speaks the serving contract of docs/interfaces.md (`GET /metadata`,
+`POST /predict_npy` with .npy bodies, Bearer keys, a row budget answered with 429, output policies) over
+real loopback HTTP, and keeps a ledger of every row it answered. It is used until serving's own fixture
+exists; the audit's HTTP client is the same either way.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audit.cli import main
+from audit.oracle import OnnxOracle
+from conftest import run_cli
+
+KEY = "k-test"
+COMMON = ["--dataset", "digits", "--student", "cnn-tiny", "--seeds", "2", "--epochs", "1", "--budget", "600",
+          "--query-batch", "100", "--quiet"]
+ATTACKS = ["--attacks", "kd-T4-a0.9,hard-label,vid"]
+
+
+def row_hash(row: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest()
+
+
+class FakeServing:
+    def __init__(self, model_dir: Path, policy: dict | None = None, budget: int | None = None,
+                 stop_after_requests: int | None = None, metadata_override: dict | None = None, port: int = 0):
+        self.oracle = OnnxOracle(model_dir, policy=policy)
+        self.policy = self.oracle.policy
+        self.budget, self.stop_after = budget, stop_after_requests
+        self.ledger: Counter = Counter()
+        self.rows_served = 0
+        self.requests = 0
+        card = self.oracle.card
+        self.meta = {"classes": card.classes, "num_classes": card.num_classes, "input_shape": card.input_shape,
+                     "normalization": card.normalization.model_dump(), "model_sha256": card.onnx_sha256,
+                     "mode": card.mode, "output_policy": self.policy, "max_batch_rows": 4096,
+                     **(metadata_override or {})}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body: bytes, ctype: str, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, status, error, detail=""):
+                self._send(status, json.dumps({"error": error, "detail": detail}).encode(), "application/json")
+
+            def do_GET(self):
+                if self.path == "/metadata":
+                    return self._send(200, json.dumps(fake.meta).encode(), "application/json")
+                self._error(404, "not found")
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/predict_npy":
+                    return self._error(404, "not found")
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    return self._error(401, "unauthorized", "unknown API key")
+                x = np.load(io.BytesIO(body), allow_pickle=False)
+                if fake.budget is not None and fake.rows_served + len(x) > fake.budget:
+                    return self._error(429, "budget exhausted", f"{fake.budget} rows per key")
+                answers = fake.oracle.query(x)
+                fake.rows_served += len(x)
+                fake.ledger.update(row_hash(r) for r in x)
+                fake.requests += 1
+                buf = io.BytesIO()
+                np.save(buf, answers.astype(np.float32))
+                self._send(200, buf.getvalue(), "application/octet-stream",
+                           {"X-Output-Policy": json.dumps(fake.policy)})
+                if fake.stop_after is not None and fake.requests >= fake.stop_after:
+                    threading.Thread(target=fake.stop, daemon=True).start()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def digits_ce_model(digits_ce_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ce-model") / "model"
+    run_cli("export", str(digits_ce_run), "--out", str(out))
+    return out
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(model_dir, **kw):
+        s = FakeServing(model_dir, **kw)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        try:
+            s.stop()
+        except Exception:
+            pass
+
+
+def transfer_hashes(rows: int) -> Counter:
+    from protect.data import load_dataset
+
+    return Counter(row_hash(r) for r in load_dataset("digits").train_x[:rows].numpy())
+
+
+def audit(*args) -> int:
+    return main(["run", *args])
+
+
+def test_http_audit_of_a_ce_teacher_end_to_end(digits_ce_model, serve, tmp_path, capsys):
+    server = serve(digits_ce_model)
+    out = tmp_path / "report"
+    assert audit("--endpoint", server.url, "--api-key", KEY, *COMMON, *ATTACKS, "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["complete"]
+    q = report["queries"]
+    assert q["transfer_rows"] == 600 and q["asked_this_run"] == 600 and q["rows_sent_total"] == 600
+    assert server.rows_served == 600 and server.ledger == transfer_hashes(600)  # each row asked exactly once
+    assert report["oracle"]["model_sha256"] == json.loads((digits_ce_model / "model.json").read_text())["onnx_sha256"]
+    assert set(report["attacks"]) == {"kd-T4-a0.9", "hard-label", "vid"}
+    for name, entry in report["attacks"].items():
+        assert entry["status"] == "ok" and len(entry["accuracy"]) == 2
+        d = entry["delta"]
+        assert d["per_seed"] == pytest.approx([a - r for a, r in zip(entry["accuracy"],
+                                                                      report["references"]["ls"]["accuracy"])])
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    ls = report["references"]["ls"]
+    assert ls["best_epsilon"] in (0.05, 0.1, 0.2) and len(report["references"]["ce"]["accuracy"]) == 2
+    v = report["verdict"]
+    best = max(report["attacks"], key=lambda n: report["attacks"][n]["delta"]["mean"])
+    assert v["strongest_attack"] == best and v["undistillable"] == (v["best_delta"] <= 0)
+    assert {t["attack"] for t in v["not_tried"]} == {"logit-mse", "logit-std", "dkd", "skeptical", "calibrated-kd",
+                                                     "mimkd"}
+    assert set(report["teacher"]["cmi"]) == {"1", "2", "4", "8", "16", "32"}
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert v["statement"] in (out / "report.md").read_text()
+    students = (out / "students.jsonl").read_text().splitlines()
+    assert len(students) == 2 * (3 + 1 + 3)  # (LS grid + CE + attacks) × seeds
+
+    # The same command again: nothing is asked and no student is retrained.
+    assert audit("--endpoint", server.url, "--api-key", KEY, *COMMON, *ATTACKS, "--out", str(out)) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["queries"]["asked_this_run"] == 0 and server.rows_served == 600
+    assert (out / "students.jsonl").read_text().splitlines() == students
+    assert again["attacks"]["vid"]["accuracy"] == report["attacks"]["vid"]["accuracy"]
+
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_resume_after_the_server_stops_mid_audit_asks_no_row_twice(digits_ce_model, serve, tmp_path, capsys):
+    first = serve(digits_ce_model, stop_after_requests=2)
+    port = first.server.server_address[1]
+    out = tmp_path / "report"
+    args = ["--endpoint", first.url, "--api-key", KEY, *COMMON, "--attacks", "hard-label", "--retries", "1",
+            "--out", str(out)]
+    assert audit(*args) == 1
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "kept" in err
+    assert int(np.load(out / "cache" / "have.npy").sum()) == 200
+    second = serve(digits_ce_model, port=port)  # the server comes back on the same address
+    second.ledger.update(first.ledger)
+    assert audit(*args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["queries"]["asked_this_run"] == 400 and report["queries"]["cached_before_this_run"] == 200
+    assert report["queries"]["rows_sent_total"] == 600 and report["queries"]["sessions"] == 2
+    assert second.ledger == transfer_hashes(600)  # over both servers' lives, each row once
+
+
+def test_a_budget_exhausted_key_is_a_clear_error_with_the_answers_kept(digits_ce_model, serve, tmp_path, capsys):
+    server = serve(digits_ce_model, budget=300)
+    out = tmp_path / "report"
+    code = audit("--endpoint", server.url, "--api-key", KEY, *COMMON, "--attacks", "hard-label", "--retries", "1",
+                 "--out", str(out))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "429" in err and "budget exhausted" in err and "rerun the same command" in err
+    assert int(np.load(out / "cache" / "have.npy").sum()) == 300 == server.rows_served
+
+
+def test_wrong_key_stops_at_once(digits_ce_model, serve, tmp_path, capsys):
+    server = serve(digits_ce_model)
+    code = audit("--endpoint", server.url, "--api-key", "wrong", *COMMON, "--attacks", "hard-label",
+                 "--out", str(tmp_path / "r"))
+    assert code == 1
+    assert "API key" in capsys.readouterr().err and server.rows_served == 0
+
+
+def test_unreachable_endpoint(tmp_path, capsys):
+    code = audit("--endpoint", "http://127.0.0.1:9", "--retries", "0", *COMMON, "--attacks", "hard-label",
+                 "--out", str(tmp_path / "r"))
+    assert code == 1 and "cannot connect to http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_model_that_does_not_fit_the_dataset_is_refused_before_any_query(digits_ce_model, serve, tmp_path, capsys):
+    server = serve(digits_ce_model, metadata_override={"input_shape": [1, 28, 28]})
+    code = audit("--endpoint", server.url, "--api-key", KEY, *COMMON, "--out", str(tmp_path / "r"))
+    assert code == 2
+    assert "does not fit --dataset digits" in capsys.readouterr().err and server.rows_served == 0
+
+
+def test_unknown_attack_and_tiny_budget_are_refused_before_any_query(digits_ce_model, serve, tmp_path, capsys):
+    server = serve(digits_ce_model)
+    assert audit("--endpoint", server.url, "--api-key", KEY, *COMMON, "--attacks", "kd,fgsm",
+                 "--out", str(tmp_path / "a")) == 2
+    assert "unknown attack 'fgsm'; valid names: calibrated-kd, dkd, hard-label, kd" in capsys.readouterr().err
+    args = [a if a != "600" else "10" for a in COMMON]
+    assert audit("--endpoint", server.url, "--api-key", KEY, *args, "--out", str(tmp_path / "b")) == 2
+    assert "smaller than one training batch" in capsys.readouterr().err
+    assert server.rows_served == 0 and not (tmp_path / "a" / "cache").exists()
+
+
+def test_label_only_endpoint_runs_only_label_attacks(digits_ce_model, serve, tmp_path):
+    server = serve(digits_ce_model, policy={"kind": "label", "k": None, "decimals": None})
+    out = tmp_path / "r"
+    assert audit("--endpoint", server.url, "--api-key", KEY, *COMMON, *ATTACKS, "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["label_only"]
+    assert report["attacks"]["hard-label"]["status"] == "ok"
+    assert report["attacks"]["vid"]["status"] == "not run" and "labels only" in report["attacks"]["vid"]["reason"]
+    assert {"kd-T4-a0.9", "vid"} <= {t["attack"] for t in report["verdict"]["not_tried"]}
+    assert report["teacher"]["cmi"] == {} and "not measurable" in report["teacher"]["cmi_note"]
+
+
+def test_topk_endpoint_counts_clamped_entries(digits_ce_model, serve, tmp_path):
+    server = serve(digits_ce_model, policy={"kind": "topk", "k": 2, "decimals": None})
+    out = tmp_path / "r"
+    assert audit("--endpoint", server.url, "--api-key", KEY, *COMMON, "--attacks", "kd-T4-a0.9",
+                 "--out", str(out)) == 0
+    rec = json.loads((out / "report.json").read_text())["recovery"]
+    assert rec["clamped_entries"] >= 600 * 8 and not rec["label_only"]  # at least the 8 zeros of every row
+
+
+def test_in_process_audit_of_a_cmim_teacher_and_refusal_to_mix_caches(digits_cmim_model, digits_ce_model, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "r"
+    args = [*COMMON, "--attacks", "kd-T4-a0.9,logit-std,dkd,skeptical,calibrated-kd,mimkd,logit-mse", "--seeds", "1"]
+    assert audit("--model", str(digits_cmim_model / "model"), *args, "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["oracle"]["mode"] == "cmim" and report["queries"]["asked_this_run"] == 600
+    assert all(e["status"] == "ok" for e in report["attacks"].values())
+    assert isinstance(report["verdict"]["undistillable"], bool)
+    before = (out / "cache" / "answers.npy").read_bytes()
+    assert audit("--model", str(digits_ce_model), *args, "--out", str(out)) == 2
+    assert "different audit" in capsys.readouterr().err
+    assert (out / "cache" / "answers.npy").read_bytes() == before
+
+
+def test_attacks_lists_the_battery(capsys):
+    assert main(["attacks"]) == 0
+    text = capsys.readouterr().out
+    for name in ("kd", "hard-label", "logit-mse", "logit-std", "dkd", "skeptical", "calibrated-kd", "vid", "mimkd"):
+        assert f"\n{name} " in "\n" + text
