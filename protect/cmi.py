@@ -25,7 +25,10 @@ _EPS = 1e-12
 
 
 def tempered_probs(logits: Tensor, temperature: float) -> Tensor:
-    return F.softmax(logits.float() / temperature, dim=-1)
+    # half precision is too coarse for KL terms near zero; float64 inputs stay float64
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.softmax(logits / temperature, dim=-1)
 
 
 def class_centroids(probs: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -39,7 +42,7 @@ def class_centroids(probs: Tensor, labels: Tensor, num_classes: int) -> tuple[Te
 def kl_to_centroids(probs: Tensor, centroids: Tensor) -> Tensor:
     """KL(P_i || Q_v) for every row i and every class v: (N, C_classes)."""
     log_p = torch.log(probs.clamp_min(_EPS))
-    log_q = torch.log(centroids.clamp_min(_EPS))
+    log_q = torch.log(centroids.to(probs.dtype).clamp_min(_EPS))
     neg_entropy = (probs * log_p).sum(-1, keepdim=True)  # (N,1)
     cross = probs @ log_q.T  # (N, C)
     return neg_entropy - cross

@@ -75,6 +75,7 @@ def _load_compatible(run_dir: str, config: dict, role: str) -> torch.nn.Module:
 def run_training(args: argparse.Namespace) -> dict | None:
     """Train (or resume) a teacher; returns a summary, or None when interrupted."""
     out: Path = args.out
+    rank, world = distributed_context()
     if args.resume:
         config = read_config(out)
     else:
@@ -97,7 +98,8 @@ def run_training(args: argparse.Namespace) -> dict | None:
         model.load_state_dict(init.state_dict())
     objective = OBJECTIVES.get(config["mode"])(splits.num_classes, **options)
 
-    rank, world = distributed_context()
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked --out before rank 0 writes into it
     if rank == 0 and not args.resume:
         write_config(out, config)
     train_cfg = TrainConfig(**config["train"])

@@ -234,7 +234,7 @@ def fit(
                     logits, losses = objective.forward_train(train_model, batch)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
-                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                     raise NonFiniteLossError(
                         f"non-finite loss at epoch {epoch + 1} ({parts}); stopped. "
                         + ("The last good checkpoint is kept in " + str(run_dir) + ". " if run_dir else "")

@@ -1,0 +1,39 @@
+"""Shared fixtures: small real runs on `digits`, made once per session through the real CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Two cores: several torch processes each grabbing both would thrash.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m protect ...` (or another module via args[0] == '-m') and capture its output."""
+    cmd = [sys.executable, *args] if args and args[0] == "-m" else [sys.executable, "-m", "protect", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits_ce_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ce"
+    run_cli("train", "--mode", "ce", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_cmim_model(tmp_path_factory) -> Path:
+    """A CMIM teacher trained on digits and exported: (run dir, model dir)."""
+    base = tmp_path_factory.mktemp("cmim")
+    run_cli("train", "--mode", "cmim", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", str(base / "run"))
+    run_cli("export", str(base / "run"), "--out", str(base / "model"))
+    return base
