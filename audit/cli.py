@@ -77,6 +77,23 @@ class UsageError(ValueError):
     pass
 
 
+def _redacted_command(argv: list[str]) -> str:
+    """The command line for the report, without the API key."""
+    out, hide = [], False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a == "--api-key":
+            out.append(a)
+            hide = True
+        elif a.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(a)
+    return "audit " + " ".join(shlex.quote(a) for a in out)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from audit.oracle import HttpOracle, OnnxOracle
     from audit.report import print_table, write_report
@@ -89,8 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         epochs=args.epochs, budget=args.budget, kd_grid=args.kd_grid,
         ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"), data_dir=args.data_dir, lr=args.lr,
         batch_size=args.batch_size, query_batch=args.query_batch, floor=args.floor, device=args.device,
-        progress=not args.quiet, command="audit " + " ".join(shlex.quote(a) for a in sys.argv[1:]
-                                                            if a != args.api_key))
+        progress=not args.quiet, command=_redacted_command(args.argv))
     if args.endpoint:
         oracle = HttpOracle(args.endpoint, args.api_key, timeout=args.timeout, retries=args.retries,
                             max_wait=args.max_wait)
@@ -142,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     from audit.report import ReportError
     from audit.runner import AuditUsageError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers = {"run": cmd_run, "attacks": cmd_attacks, "report": cmd_report}
     prefix = f"audit {args.command}: error:"
     try:

@@ -129,6 +129,8 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
         teacher["cmi"] = {f"{t:g}": v for t, v in cmi_spectrum(teacher_logp.double(), y, CMI_TEMPERATURES,
                                                                 splits.num_classes).items()}
         teacher["cmi_note"] = ("on the transfer set, from recovered log-probabilities"
+                               + (f"; answers rounded to {info.policy['decimals']} decimals"
+                                  if info.policy.get("decimals") is not None else "")
                                + (f"; {recovery.clamped_entries} entries clamped at {settings.floor:g}"
                                   if recovery.clamped_entries else ""))
     else:
@@ -140,6 +142,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
                for v in variants if v not in runnable}
 
     training = settings.training_key()
+    identity = {**training, "audit": cache.fingerprint}  # a student is reused only within the same audit
     train_set = DictDataset(splits.normalise(splits.train_x), y, augment=splits.augment, teacher_logp=teacher_logp)
     test_set = DictDataset(splits.normalise(splits.test_x), splits.test_y)
     test_loader = make_loader(test_set, 1024, shuffle=False)
@@ -159,7 +162,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
         loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
         for variant in references + runnable:
             count += 1
-            key = _student_key(variant, seed, training)
+            key = _student_key(variant, seed, identity)
             if key in done:
                 results[variant.name][seed] = done[key]["test_accuracy"]
                 continue

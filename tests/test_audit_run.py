@@ -139,6 +139,7 @@ def test_http_audit_of_a_ce_teacher_end_to_end(digits_ce_model, serve, tmp_path,
     assert audit("--endpoint", server.url, "--api-key", KEY, *COMMON, *ATTACKS, "--out", str(out)) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["complete"]
+    assert KEY not in json.dumps(report)  # the API key never lands in the report
     q = report["queries"]
     assert q["transfer_rows"] == 600 and q["asked_this_run"] == 600 and q["rows_sent_total"] == 600
     assert server.rows_served == 600 and server.ledger == transfer_hashes(600)  # each row asked exactly once
