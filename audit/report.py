@@ -57,6 +57,16 @@ def rows(report: dict) -> list[dict]:
     return out
 
 
+def _cells(row: dict, with_std: bool = True) -> tuple[str, str, str, str, str]:
+    """(student, accuracy, Δ, interval, status) as text for one table row."""
+    acc, d = row["acc"], row["delta"]
+    std = lambda s: _pct(s["std"]) if s["std"] is not None else "–"  # noqa: E731
+    acc_s = "–" if not acc else f"{_pct(acc['mean'])} ± {std(acc)}"
+    d_s = "–" if not d else (f"{_signed(d['mean'])} ± {std(d)}" if with_std else _signed(d["mean"]))
+    status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
+    return row["name"], acc_s, d_s, _interval(d["ci95"]) if d else "–", status
+
+
 def _verdict_line(report: dict) -> str:
     return report["verdict"]["statement"]
 
@@ -83,11 +93,7 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for row in rows(report):
-        acc, d = row["acc"], row["delta"]
-        acc_s = "–" if not acc else f"{_pct(acc['mean'])} ± {_pct(acc['std']) if acc['std'] is not None else '–'}"
-        d_s = "–" if not d else f"{_signed(d['mean'])} ± {_pct(d['std']) if d['std'] is not None else '–'}"
-        status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
-        lines.append(f"| {row['name']} | {acc_s} | {d_s} | {_interval(d['ci95']) if d else '–'} | {status} |")
+        lines.append("| " + " | ".join(_cells(row)) + " |")
     lines += ["", "Not tried: " + (", ".join(f"`{t['attack']}` ({t['reason']})" for t in v["not_tried"]) or "none")
               + ". A model is protected only against the attacks that were tried.", ""]
     cmi = report["teacher"].get("cmi") or {}
@@ -159,12 +165,7 @@ def render_html(report: dict) -> str:
     table = ["<table><tr><th>student</th><th>accuracy % (mean ± std)</th><th>Δ vs LS (points)</th>"
              "<th>95% interval</th><th>status</th></tr>"]
     for row in rows(report):
-        acc, d = row["acc"], row["delta"]
-        acc_s = "–" if not acc else f"{_pct(acc['mean'])} ± {_pct(acc['std']) if acc['std'] is not None else '–'}"
-        d_s = "–" if not d else f"{_signed(d['mean'])} ± {_pct(d['std']) if d['std'] is not None else '–'}"
-        status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
-        table.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in
-                                      (row["name"], acc_s, d_s, _interval(d["ci95"]) if d else "–", status)) + "</tr>")
+        table.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(row)) + "</tr>")
     table.append("</table>")
     md = render_markdown(report).split("\n")
     facts = "".join(f"<li>{html.escape(line[2:])}</li>" for line in md if line.startswith("- "))
@@ -208,11 +209,9 @@ def print_table(report: dict, console=None) -> None:
     for col in ("student", "acc % (mean ± std)", "Δ vs LS", "95% interval", "status"):
         table.add_column(col, justify="left" if col in ("student", "status") else "right")
     for row in rows(report):
-        acc, d = row["acc"], row["delta"]
-        acc_s = "–" if not acc else f"{_pct(acc['mean'])} ± {_pct(acc['std']) if acc['std'] is not None else '–'}"
-        d_s = "–" if not d else _signed(d["mean"])
+        d = row["delta"]
         style = "" if not d else ("red" if d["mean"] > 0 else "green")
-        table.add_row(row["name"], acc_s, d_s, _interval(d["ci95"]) if d else "–", row["status"], style=style)
+        table.add_row(*_cells(row, with_std=False), style=style)
     console.print(table)
     q = report["queries"]
     console.print(f"queries: {q['transfer_rows']} transfer rows, {q['asked_this_run']} asked this run, "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,4 +65,4 @@ def teacher_labels(batch: dict[str, Tensor]) -> Tensor:
     return batch["teacher_logp"].argmax(dim=1)
 
 
-__all__ = ["Attack", "AttackContext", "centred", "features", "kd_term", "teacher_labels", "torch"]
+__all__ = ["Attack", "AttackContext", "centred", "features", "kd_term", "teacher_labels"]
