@@ -1,0 +1,337 @@
+"""The ASGI middleware in front of every route: keys, row budgets, rates, the query ledger, body limits,
+one error shape for every 4xx/5xx, and the OpenAPI additions for the routes BentoML does not describe.
+
+Prediction routes (POST): the key is checked first (401), then the body is read up to the size limit (413),
+its rows are counted (from the .npy header, the JSON `inputs` list, 1 per image), and the rows are charged
+to the key in one SQLite transaction (429 over budget or rate). If the model then refuses the request, the
+charge is refunded: only served rows count. Everything else (health, metrics, metadata, docs) stays open.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from http import HTTPStatus
+
+from serving.config import Settings
+from serving.errors import error_body
+from serving.ledger import Ledger
+from serving.runtime import npy_rows
+
+logger = logging.getLogger("serving")
+
+GUARDED = {"/predict": "json", "/predict_npy": "npy", "/classify_image": "image"}
+MEDIA = {"json": ("application/json",), "npy": ("application/octet-stream", "application/x-npy"),
+         "image": ("multipart/form-data",)}
+BEARER = "bearer "
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == name:
+            return v.decode("latin1")
+    return None
+
+
+def api_key(scope) -> str | None:
+    auth = _header(scope, b"authorization")
+    if auth and auth.lower().startswith(BEARER):
+        return auth[len(BEARER):].strip() or None
+    key = _header(scope, b"x-api-key")
+    return key.strip() if key and key.strip() else None
+
+
+async def respond(send, status: int, error: str, detail: str, headers: dict | None = None) -> None:
+    body = error_body(error, detail)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _status_code(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return f"http_{status}"
+
+
+def normalise_error(status: int, body: bytes) -> bytes:
+    """Any error body (BentoML's list-wrapped `[{"error": ...}]`, its pydantic validation errors, Starlette's
+    plain text) → `{"error": code, "detail": text}`."""
+    try:
+        data = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    if isinstance(data, dict):
+        error, detail = data.get("error"), data.get("detail")
+        if isinstance(error, str):
+            try:  # serving.errors.InputError travels as JSON inside BentoML's message
+                inner = json.loads(error)
+                if isinstance(inner, dict) and "error" in inner:
+                    return error_body(str(inner["error"]), str(inner.get("detail", "")))
+            except ValueError:
+                pass
+        if isinstance(detail, list):  # pydantic errors
+            kinds = {d.get("type") for d in detail if isinstance(d, dict)}
+            parts = []
+            for d in detail[:5]:
+                if isinstance(d, dict):
+                    loc = ".".join(str(p) for p in d.get("loc", ()))
+                    parts.append(f"{loc}: {d.get('msg', '')}" if loc else str(d.get("msg", "")))
+            code = "invalid_json" if "json_invalid" in kinds else "validation_error"
+            return error_body(code, "; ".join(parts) or str(error))
+        if isinstance(error, str) and isinstance(detail, str):
+            return error_body(error, detail)
+        if isinstance(error, str):
+            return error_body(_status_code(status), error)
+    text = body.decode("utf-8", "replace").strip()[:500] if body else ""
+    if not text:
+        try:
+            text = HTTPStatus(status).phrase
+        except ValueError:
+            text = f"HTTP {status}"
+    return error_body(_status_code(status), text)
+
+
+class _Capture:
+    """Wraps `send`: error responses (and /docs.json) are buffered and rewritten; others stream through."""
+
+    def __init__(self, send, rewrite_ok=None):
+        self.send, self.rewrite_ok = send, rewrite_ok
+        self.status: int | None = None
+        self._start = None
+        self._chunks: list[bytes] = []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.status >= 400 or (self.rewrite_ok and self.status == 200):
+                self._start = message
+                return
+            await self.send(message)
+            return
+        if message["type"] == "http.response.body" and self._start is not None:
+            self._chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(self._chunks)
+            if self.status >= 400:
+                body = normalise_error(self.status, body)
+                ctype = b"application/json"
+            else:
+                body, ctype = self.rewrite_ok(body), b"application/json"
+            headers = [(k, v) for k, v in self._start.get("headers", [])
+                       if k.lower() not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+            await self.send({**self._start, "headers": headers})
+            await self.send({"type": "http.response.body", "body": body})
+            return
+        await self.send(message)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def json_rows(body: bytes) -> int | None:
+    try:
+        data = json.loads(body)
+        inputs = data.get("inputs") if isinstance(data, dict) else None
+        return len(inputs) if isinstance(inputs, list) else None
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return None
+
+
+class GuardMiddleware:
+    def __init__(self, app, settings: Settings | None = None):
+        self.app = app
+        self.settings = settings or Settings.from_env()
+        self.ledger = Ledger(self.settings.keys_db)
+
+    def keys_required(self) -> bool:
+        mode = self.settings.require_keys
+        return mode == "on" or (mode == "auto" and self.ledger.keys_active())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        if path in GUARDED and method == "POST":
+            return await self._guarded(scope, receive, send, GUARDED[path])
+        if path == "/docs.json" and method == "GET":
+            return await self.app(scope, receive, _Capture(send, rewrite_ok=patch_openapi))
+        if path == "/metadata" and method == "GET":
+            scope = {**scope, "state": {**scope.get("state", {}), "keys_required": self.keys_required()}}
+        return await self.app(scope, receive, _Capture(send))
+
+    async def _guarded(self, scope, receive, send, kind: str):
+        settings = self.settings
+        ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        if ctype and ctype not in MEDIA[kind]:
+            return await respond(send, 415, "unsupported_media_type",
+                                 f"Content-Type {ctype!r}; {scope['path']} takes {' or '.join(MEDIA[kind])}")
+        if kind == "image" and not ctype:
+            return await respond(send, 415, "unsupported_media_type",
+                                 "send the image as multipart/form-data with a file field named 'image'")
+        key_id = None
+        if self.keys_required():
+            key = api_key(scope)
+            if key is None:
+                return await respond(send, 401, "unauthorized", "this endpoint needs an API key: send "
+                                     "'Authorization: Bearer KEY' or 'X-API-Key: KEY'", {"WWW-Authenticate": "Bearer"})
+            key_id = self.ledger.lookup(key)
+            if key_id is None:
+                return await respond(send, 401, "unauthorized", "unknown or revoked API key",
+                                     {"WWW-Authenticate": "Bearer"})
+        length = _header(scope, b"content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return await respond(send, 413, "body_too_large",
+                                 f"the body has {length} bytes; the limit is {settings.max_body_bytes}")
+        try:
+            body = await read_body(receive, settings.max_body_bytes)
+        except BodyTooLarge:
+            return await respond(send, 413, "body_too_large", f"the body exceeds {settings.max_body_bytes} bytes")
+        except ConnectionError:
+            return
+        if kind == "image":
+            problem = await _check_upload(scope, body)
+            if problem:
+                return await respond(send, 400, *problem)
+        rows = {"npy": npy_rows, "json": json_rows}.get(kind, lambda b: 1)(body)
+        rows = max(1, rows or 1)  # unreadable inputs are refused by the model; charged 1 until then
+        decision = None
+        if key_id is not None or settings.ledger:
+            decision = self.ledger.charge(key_id, rows, scope["path"], hashlib.sha256(body).hexdigest())
+            if not decision.allowed:
+                headers = {"Retry-After": decision.retry_after} if decision.retry_after else None
+                return await respond(send, decision.status, decision.error, decision.detail, headers)
+        capture = _Capture(send)
+        served = False
+        try:
+            await self.app(scope, _replay(body), capture)
+            served = capture.status is not None and capture.status < 400
+        finally:
+            if decision is not None and not served:
+                self.ledger.refund(decision, rows)
+
+
+async def _check_upload(scope, body: bytes) -> tuple[str, str] | None:
+    """The upload must carry the image as a file part: BentoML would fetch a URL given as a text field."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    try:
+        form = await Request(scope, _replay(body)).form(max_files=2, max_fields=8)
+    except Exception as exc:
+        return "bad_upload", f"unreadable multipart/form-data body ({type(exc).__name__})"
+    try:
+        image = form.get("image")
+        if not isinstance(image, UploadFile):
+            return "bad_upload", "send the image as a file part named 'image' (URLs and text fields are not fetched)"
+        extra = set(form.keys()) - {"image", "top_k"}
+        if extra:
+            return "bad_upload", f"unexpected form fields {sorted(extra)}; send 'image' and optionally 'top_k'"
+    finally:
+        await form.close()
+    return None
+
+
+# ---------------------------------------------------------------- OpenAPI additions
+
+def _schema(model) -> tuple[dict, dict]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return schema, defs
+
+
+def _error_response(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+ERRORS = {
+    "400": "malformed input: invalid JSON or .npy, wrong rank, shape, channels or dtype, NaN/inf, values "
+           "outside [0,1], empty batch, not an image, pickled .npy",
+    "401": "missing, unknown or revoked API key",
+    "413": "batch above max_batch_rows or body above max_body_bytes",
+    "415": "wrong Content-Type",
+    "429": "over the key's row budget or rate (Retry-After says when to retry a rate refusal)",
+    "503": "overloaded; retry",
+}
+
+
+def patch_openapi(body: bytes) -> bytes:
+    from serving.schemas import ErrorResponse, MetadataResponse
+
+    spec = json.loads(body)
+    comps = spec.setdefault("components", {})
+    schemas = comps.setdefault("schemas", {})
+    for model in (ErrorResponse, MetadataResponse):
+        schema, defs = _schema(model)
+        schemas[model.__name__] = schema
+        schemas.update(defs)
+    comps.setdefault("securitySchemes", {}).update({
+        "bearer": {"type": "http", "scheme": "bearer", "description": "API key (when keys are configured)"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    })
+    paths = spec.setdefault("paths", {})
+    paths["/metadata"] = {"get": {
+        "tags": ["Service APIs"], "operationId": "metadata", "description": "What the model takes and answers; open.",
+        "responses": {"200": {"description": "model and policy description", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/MetadataResponse"}}}}}}}
+    paths["/predict_npy"] = {"post": {
+        "tags": ["Service APIs"], "operationId": "predict_npy",
+        "description": "Bulk prediction. Body: raw .npy (numpy.save) float32 in [0,1] or uint8 0..255, shape "
+                       "(N, C, H, W). Answer: raw .npy float32 (N, num_classes): probabilities (policy probs); "
+                       "top-k with the other entries 0 (topk); one-hot rows (label); rounded when decimals is set. "
+                       "Header X-Output-Policy repeats the policy as JSON.",
+        "requestBody": {"required": True, "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "float32 (N, num_classes) .npy", "headers": {
+            "X-Output-Policy": {"schema": {"type": "string"}, "description": "the output policy as JSON"}},
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}}}
+    security = [{"bearer": []}, {"apiKey": []}, {}]
+    for route in GUARDED:
+        op = paths.get(route, {}).get("post")
+        if op is None:
+            continue
+        op["security"] = copy.deepcopy(security)
+        responses = op.setdefault("responses", {})
+        for code in list(responses):
+            if code not in ("200",) and str(code).startswith(("4", "5")):
+                del responses[code]
+        for code, text in ERRORS.items():
+            responses[code] = _error_response(text)
+    return json.dumps(spec).encode()

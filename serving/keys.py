@@ -1,0 +1,93 @@
+"""Manage API keys: `python -m serving.keys add|list|revoke|ledger` (also the `serving-keys` console script).
+
+The database is UNDISTILLABLE_KEYS_DB (or --db); the running service sees changes at once. A key is shown
+once, when it is added; only its sha256 is stored.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+
+from serving.config import Settings
+from serving.ledger import Ledger
+
+
+def _when(ts) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serving-keys", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", help="key and ledger database (default: UNDISTILLABLE_KEYS_DB or ledger/serving.sqlite)")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("add", help="create a key and print it (once)")
+    a.add_argument("name", help="unique name of the customer or client")
+    a.add_argument("--budget", type=int, help="total rows the key may be served (default: unlimited)")
+    a.add_argument("--rate", type=float, help="rows per minute (token bucket, bursts up to one minute's rows; "
+                   "default: unlimited)")
+    a.add_argument("--json", action="store_true")
+    ls = sub.add_parser("list", help="keys with their budgets and usage")
+    ls.add_argument("--json", action="store_true")
+    r = sub.add_parser("revoke", help="revoke a key by name (or its 8-character prefix)")
+    r.add_argument("name")
+    led = sub.add_parser("ledger", help="the latest batches served to a key (digest = sha256 of the request body)")
+    led.add_argument("name", nargs="?", help="key name or prefix (default: batches served while the service ran open)")
+    led.add_argument("--limit", type=int, default=20)
+    led.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ledger = Ledger(args.db or Settings.from_env().keys_db)
+    try:
+        if args.command == "add":
+            if args.budget is not None and args.budget < 0 or args.rate is not None and args.rate <= 0:
+                print("error: --budget must be ≥ 0 and --rate > 0", file=sys.stderr)
+                return 2
+            try:
+                key = ledger.add_key(args.name, args.budget, args.rate)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps({"name": args.name, "key": key, "budget": args.budget, "rate": args.rate}))
+            else:
+                print(key)
+                print(f"(key for {args.name!r}: budget {args.budget or 'unlimited'} rows, rate "
+                      f"{args.rate or 'unlimited'} rows/min; it is not shown again)", file=sys.stderr)
+        elif args.command == "list":
+            keys = ledger.list_keys()
+            if args.json:
+                print(json.dumps(keys, indent=2))
+            else:
+                print(f"{'name':<16} {'prefix':<9} {'budget':>10} {'served':>10} {'left':>10} {'rate/min':>9} "
+                      f"{'requests':>8} {'refused':>7}  {'first seen':<19}  {'last seen':<19}  status")
+                for k in keys:
+                    left = "-" if k["row_budget"] is None else k["row_budget"] - k["rows_served"]
+                    print(f"{k['name']:<16} {k['prefix']:<9} {k['row_budget'] if k['row_budget'] is not None else '-':>10} "
+                          f"{k['rows_served']:>10} {left:>10} {k['rate_rows_per_min'] or '-':>9} {k['requests']:>8} "
+                          f"{k['refused']:>7}  {_when(k['first_seen']):<19}  {_when(k['last_seen']):<19}  "
+                          f"{'revoked ' + _when(k['revoked']) if k['revoked'] else 'active'}")
+        elif args.command == "revoke":
+            if not ledger.revoke(args.name):
+                print(f"error: no active key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name}")
+        elif args.command == "ledger":
+            rows = ledger.batches(args.name, args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for b in rows:
+                    print(f"{_when(b['ts'])}  {b['endpoint']:<15} {b['rows']:>7} rows  {b['digest']}")
+    finally:
+        ledger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

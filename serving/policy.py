@@ -1,0 +1,63 @@
+"""Output policies: what the API reveals of the model's probabilities (DESIGN §5, docs/interfaces.md)."""
+from __future__ import annotations
+
+import numpy as np
+
+from serving.config import OutputPolicy
+
+
+def _order(probs: np.ndarray) -> np.ndarray:
+    """Classes by decreasing probability, ties broken by class index (deterministic)."""
+    return np.argsort(-probs, axis=1, kind="stable")
+
+
+def apply_array(probs: np.ndarray, policy: OutputPolicy) -> np.ndarray:
+    """(N, C) float32 as /predict_npy answers it: probabilities; top-k with the rest 0; or one-hot labels.
+    Rounded to `decimals` when set (rounded rows need not sum exactly to 1)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if policy.kind == "label":
+        out = np.zeros_like(probs)
+        out[np.arange(len(probs)), _order(probs)[:, 0]] = 1.0
+        return out
+    if policy.kind == "topk":
+        out = np.zeros_like(probs)
+        keep = _order(probs)[:, :policy.k]
+        rows = np.arange(len(probs))[:, None]
+        out[rows, keep] = probs[rows, keep]
+    else:
+        out = probs.copy()
+    if policy.decimals is not None:
+        out = np.round(out, policy.decimals).astype(np.float32)
+    return out
+
+
+def _round(value: float, decimals: int | None) -> float:
+    return float(round(value, decimals)) if decimals is not None else float(value)
+
+
+def rows_json(probs: np.ndarray, policy: OutputPolicy, classes: list[str]) -> list[dict]:
+    """Per-row answers for the JSON endpoint; fields the policy withholds are null."""
+    order = _order(probs)
+    out = []
+    for p, idx in zip(probs, order):
+        label = int(idx[0])
+        row = {"label": label, "class_name": classes[label], "probs": None, "topk": None}
+        if policy.kind == "probs":
+            row["probs"] = [_round(v, policy.decimals) for v in p.tolist()]
+        elif policy.kind == "topk":
+            row["topk"] = [{"index": int(c), "class_name": classes[int(c)], "prob": _round(p[c], policy.decimals)}
+                           for c in idx[:policy.k]]
+        out.append(row)
+    return out
+
+
+def topk_json(probs: np.ndarray, policy: OutputPolicy, classes: list[str], k: int) -> list[dict]:
+    """Top classes of one image for the upload endpoint, within the policy: label → the label only
+    (prob null); topk → at most the policy's k."""
+    idx = _order(probs[None])[0]
+    if policy.kind == "label":
+        return [{"index": int(idx[0]), "class_name": classes[int(idx[0])], "prob": None}]
+    if policy.kind == "topk":
+        k = min(k, policy.k)
+    return [{"index": int(c), "class_name": classes[int(c)], "prob": _round(probs[c], policy.decimals)}
+            for c in idx[:k]]

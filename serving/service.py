@@ -1,0 +1,83 @@
+"""The BentoML service: `bentoml serve serving.service:Undistillable` (bentofile.yaml names it).
+
+Model directory: UNDISTILLABLE_MODEL_DIR (default: models/default beside serving/); every setting is an
+UNDISTILLABLE_* environment variable, see docs/serving.md. The model logic is in serving/runtime.py,
+keys/budgets/ledger in serving/guard.py, the raw .npy and /metadata routes in serving/bulk.py.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+from pydantic import Field
+
+from serving import bulk
+from serving.card import ModelDirError, verify_model_dir
+from serving.config import Settings
+from serving.errors import InputError
+from serving.guard import GuardMiddleware
+from serving.ledger import Ledger
+from serving.policy import rows_json, topk_json
+from serving.runtime import Runtime, decode_image, decode_json
+from serving.schemas import ImageResponse, Pixels, PredictResponse
+
+logger = logging.getLogger("bentoml.undistillable")
+
+SETTINGS = Settings.from_env()
+try:  # fail fast, before any worker starts: a missing model or a sha256 mismatch stops the server
+    verify_model_dir(SETTINGS.model_dir)
+except ModelDirError as exc:
+    logger.error("refusing to start: %s", exc)
+    raise SystemExit(f"undistillable serving: refusing to start: {exc}") from None
+
+
+@bentoml.asgi_app(bulk.app, path="/")
+@bentoml.service(name="undistillable", workers=SETTINGS.workers, threads=SETTINGS.api_threads,
+                 traffic={"timeout": 300})
+class Undistillable:
+    """Black-box API of a protected classifier: JSON, bulk .npy and image-upload predictions."""
+
+    def __init__(self) -> None:
+        self.runtime = Runtime(SETTINGS)
+        bulk.install(self.runtime, SETTINGS.api_threads)
+        card = self.runtime.card
+        logger.info("model %s (%s, %s, sha256 %s…) on %s; policy %s; ORT threads %d",
+                    SETTINGS.model_dir, card.mode, card.arch, card.onnx_sha256[:12], ",".join(self.runtime.providers),
+                    SETTINGS.policy.as_dict(), SETTINGS.ort_threads)
+        ledger = Ledger(SETTINGS.keys_db)
+        active = sum(1 for k in ledger.list_keys() if k["revoked"] is None)
+        ledger.close()
+        if SETTINGS.require_keys == "off" or (SETTINGS.require_keys == "auto" and active == 0):
+            logger.warning("running OPEN: no API keys are required (keys db %s, %d active keys, "
+                           "UNDISTILLABLE_REQUIRE_KEYS=%s)", SETTINGS.keys_db, active, SETTINGS.require_keys)
+        else:
+            logger.info("API keys required: %d active keys in %s", active, SETTINGS.keys_db)
+
+    @bentoml.api(route="/predict")
+    def predict(self, inputs: Pixels) -> PredictResponse:
+        """Predict a batch of raw-pixel images (N, C, H, W) in [0, 1]; per-row answers under the output policy."""
+        try:
+            x = decode_json(inputs, self.runtime.card, self.runtime.max_rows)
+        except InputError as exc:  # answered as is: BentoML would log a traceback per refused input
+            return exc.response()
+        probs = self.runtime.probs(x)
+        return PredictResponse(policy=self.runtime.policy.as_dict(),
+                               predictions=rows_json(probs, self.runtime.policy, self.runtime.card.classes))
+
+    @bentoml.api(route="/classify_image")
+    def classify_image(self, image: Path,
+                       top_k: Annotated[int, Field(ge=1, le=1000, description="classes to return")] = 5
+                       ) -> ImageResponse:
+        """Upload one PNG or JPEG image (multipart field `image`); top-k class names and probabilities."""
+        try:
+            x = decode_image(Path(image).read_bytes(), self.runtime.card)
+        except InputError as exc:
+            return exc.response()
+        probs = self.runtime.probs(x)[0]
+        return ImageResponse(policy=self.runtime.policy.as_dict(),
+                             top=topk_json(probs, self.runtime.policy, self.runtime.card.classes, top_k))
+
+
+Undistillable.add_asgi_middleware(GuardMiddleware, settings=SETTINGS)
