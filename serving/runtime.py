@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from serving.card import ONNX, ModelCard, normalise, verify_model_dir
+from protect.card import ONNX, ModelCard, normalise, verify_model_dir
 from serving.config import Settings
 from serving.errors import InputError
 from serving.policy import apply_array

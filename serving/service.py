@@ -14,7 +14,7 @@ import bentoml
 from pydantic import Field
 
 from serving import bulk
-from serving.card import ModelDirError, verify_model_dir
+from protect.card import ModelDirError, verify_model_dir
 from serving.config import Settings
 from serving.errors import InputError
 from serving.guard import GuardMiddleware

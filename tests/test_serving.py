@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -205,7 +204,8 @@ def test_every_bad_input_gets_its_4xx_and_the_next_request_works(server, digits_
          "unsupported_media_type"),
         ("not an image", "/classify_image", dict(files={"image": ("x.png", b"GIF89a not a png", "image/png")}), 400,
          "not_an_image"),
-        ("image field as URL", "/classify_image", dict(data={"image": "http://127.0.0.1:1/x.png"}), 400, "bad_upload"),
+        ("image field as URL", "/classify_image", dict(files={"image": (None, "http://127.0.0.1:1/x.png")}), 400,
+         "bad_upload"),
         ("image as JSON", "/classify_image", dict(json={"image": "x"}), 415, "unsupported_media_type"),
         ("GET on a POST route", "/predict", dict(method="GET"), 405, None),
     ]
@@ -250,7 +250,7 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error(server, digits_x, tmp_pa
     assert "/predict_npy" in out and "/predict" in out
     with server.client() as c:
         assert c.post("/predict_npy", content=npy(digits_x[:2])).status_code == 200
-    assert "Traceback" not in server.log_text().split("running OPEN")[-1] or "500" not in server.log_text()
+    assert "(status=5" not in server.log_text(), "the access log shows a 5xx"
 
 
 # ---------------------------------------------------------------------------- output policies
@@ -465,7 +465,7 @@ def test_bentoml_build_includes_the_model(model_dir, tmp_path):
     assert bentos[0].read_bytes() == (model_dir / "model.onnx").read_bytes()
     bento_src = bentos[0].parents[2]
     assert (bento_src / "serving" / "service.py").exists() and (bento_src / "protect" / "card.py").exists()
-    assert "models/default" not in json.dumps(str(home)) and (bento_src / "models/default/model.json").exists()
+    assert (bento_src / "models/default/model.json").exists()
 
 
 # ---------------------------------------------------------------------------- pieces, in-process
@@ -481,12 +481,8 @@ def test_policy_arrays_and_npy_header_in_process(digits_x):
     np.testing.assert_array_equal(apply_array(p, OutputPolicy("label")), [[0, 1, 0], [1, 0, 0]])
     np.testing.assert_allclose(apply_array(p, OutputPolicy("probs", decimals=0)), [[0, 1, 0], [0, 0, 0]])
     assert npy_rows(npy(digits_x[:7])) == 7 and npy_rows(b"junk") is None
-    with pytest.raises(InputError) as exc:
-        npy_header(b"\x93NUMPY\x01\x00" + (40).to_bytes(2, "little") + b"{'descr': '|O', 'fortran_order': False, 'shape': (1,)}"[:40])
-    assert exc.value.error in ("pickled_npy", "bad_npy")
     obj = io.BytesIO()
     np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(InputError) as exc:
         npy_header(obj.getvalue())
     assert exc.value.error == "pickled_npy"
-    assert pickle  # the module is imported for the bomb above
