@@ -32,7 +32,7 @@ def apply_array(probs: np.ndarray, policy: OutputPolicy) -> np.ndarray:
 
 
 def _round(value: float, decimals: int | None) -> float:
-    return float(round(value, decimals)) if decimals is not None else float(value)
+    return round(float(value), decimals) if decimals is not None else float(value)
 
 
 def rows_json(probs: np.ndarray, policy: OutputPolicy, classes: list[str]) -> list[dict]:
