@@ -86,6 +86,7 @@ class Settings:
     ort_threads: int = 1
     hide_options: bool = False
     ledger: bool = True
+    access_log: bool = True
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -115,4 +116,5 @@ class Settings:
             ort_threads=_int("ORT_THREADS", max(1, cpu_count() // workers), minimum=1),
             hide_options=_bool("HIDE_OPTIONS", False),
             ledger=_bool("LEDGER", True),
+            access_log=_bool("ACCESS_LOG", True),
         )

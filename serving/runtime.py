@@ -23,6 +23,7 @@ NPY_MAGIC = b"\x93NUMPY"
 IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_IMAGE_PIXELS = 4096 * 4096
 CHUNK_ROWS = 1024
+SMALL_BATCH = 32  # at most this many rows run on a one-thread session: no thread-pool wake-ups per request
 
 
 def gpu_present() -> bool:
@@ -229,12 +230,18 @@ class Runtime:
         self.card = verify_model_dir(settings.model_dir)  # ModelDirError on a missing file or sha256 mismatch
         self.session = make_session(settings.model_dir / ONNX, settings.ort_threads)
         self.providers = self.session.get_providers()
+        # Small requests (people, single images) gain nothing from intra-op threads and lose to their wake-ups,
+        # most of all on a busy machine; they get their own single-thread session.
+        self.small_session = (make_session(settings.model_dir / ONNX, 1)
+                              if settings.ort_threads > 1 and self.providers[0] == "CPUExecutionProvider"
+                              else self.session)
         self.policy = settings.policy
         self.max_rows = settings.max_rows
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         feeds = normalise(x, self.card)
-        outs = [self.session.run([self.card.output_name], {self.card.input_name: feeds[i:i + CHUNK_ROWS]})[0]
+        session = self.small_session if len(feeds) <= SMALL_BATCH else self.session
+        outs = [session.run([self.card.output_name], {self.card.input_name: feeds[i:i + CHUNK_ROWS]})[0]
                 for i in range(0, len(feeds), CHUNK_ROWS)]
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 

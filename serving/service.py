@@ -20,7 +20,7 @@ from serving.errors import InputError
 from serving.guard import GuardMiddleware
 from serving.ledger import Ledger
 from serving.policy import rows_json, topk_json
-from serving.runtime import Runtime, decode_image, decode_json
+from serving.runtime import SMALL_BATCH, Runtime, decode_image, decode_json
 from serving.schemas import ImageResponse, Pixels, PredictResponse
 
 logger = logging.getLogger("bentoml.undistillable")
@@ -35,7 +35,7 @@ except ModelDirError as exc:
 
 @bentoml.asgi_app(bulk.app, path="/")
 @bentoml.service(name="undistillable", workers=SETTINGS.workers, threads=SETTINGS.api_threads,
-                 traffic={"timeout": 300})
+                 traffic={"timeout": 300}, logging={"access": {"enabled": SETTINGS.access_log}})
 class Undistillable:
     """Black-box API of a protected classifier: JSON, bulk .npy and image-upload predictions."""
 
@@ -56,13 +56,13 @@ class Undistillable:
             logger.info("API keys required: %d active keys in %s", active, SETTINGS.keys_db)
 
     @bentoml.api(route="/predict")
-    def predict(self, inputs: Pixels) -> PredictResponse:
+    async def predict(self, inputs: Pixels) -> PredictResponse:
         """Predict a batch of raw-pixel images (N, C, H, W) in [0, 1]; per-row answers under the output policy."""
         try:
             x = decode_json(inputs, self.runtime.card, self.runtime.max_rows)
         except InputError as exc:  # answered as is: BentoML would log a traceback per refused input
             return exc.response()
-        probs = self.runtime.probs(x)
+        probs = await bulk.run(self.runtime.probs, x, small=len(x) <= SMALL_BATCH)
         return PredictResponse(policy=self.runtime.policy.as_dict(),
                                predictions=rows_json(probs, self.runtime.policy, self.runtime.card.classes))
 
