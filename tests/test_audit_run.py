@@ -278,3 +278,84 @@ def test_attacks_lists_the_battery(capsys):
     text = capsys.readouterr().out
     for name in ("kd", "hard-label", "logit-mse", "logit-std", "dkd", "skeptical", "calibrated-kd", "vid", "mimkd"):
         assert f"\n{name} " in "\n" + text
+
+
+# ------------------------------------------------------------------ against a real `bentoml serve` (serving/)
+
+def keys_cli(db: Path, *args: str) -> str:
+    import subprocess
+    import sys
+
+    from serving_server import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "serving.keys", "--db", str(db), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def served_rows(db: Path) -> dict[str, int]:
+    return {k["name"]: k["rows_served"] for k in json.loads(keys_cli(db, "list", "--json"))}
+
+
+def bento(model_dir: Path, tmp: Path):
+    from serving_server import Server
+
+    return Server({"UNDISTILLABLE_MODEL_DIR": str(model_dir), "UNDISTILLABLE_KEYS_DB": str(tmp / "keys.sqlite")},
+                  tmp / "serve.log")
+
+
+def test_bentoml_ce_teacher_budget_outage_and_resume_ask_no_row_twice(digits_ce_model, tmp_path, capsys):
+    """A key's budget runs out mid-audit (429), the server goes down (connection refused), comes back on another
+    port, and the audit finishes with a second key: the server's ledger shows each transfer row served once."""
+    db = tmp_path / "keys.sqlite"
+    small = keys_cli(db, "add", "auditor-1", "--budget", "300").strip()
+    big = keys_cli(db, "add", "auditor-2").strip()
+    server = bento(digits_ce_model, tmp_path).start()
+    out = tmp_path / "report"
+    args = [*COMMON, "--attacks", "kd-T4-a0.9,vid", "--seeds", "1", "--retries", "1", "--out", str(out)]
+    try:
+        assert audit("--endpoint", server.url, "--api-key", small, *args) == 1
+        err = capsys.readouterr().err
+        assert "429" in err and "over_budget" in err and "kept" in err
+        assert int(np.load(out / "cache" / "have.npy").sum()) == 300
+        url = server.url
+    finally:
+        server.stop()
+    assert audit("--endpoint", url, "--api-key", big, *args) == 1  # the server is down
+    assert "cannot connect" in capsys.readouterr().err
+    server = bento(digits_ce_model, tmp_path).start()
+    try:
+        assert audit("--endpoint", server.url, "--api-key", big, *args) == 0
+    finally:
+        server.stop()
+    report = json.loads((out / "report.json").read_text())
+    q = report["queries"]
+    assert (q["transfer_rows"], q["asked_this_run"], q["cached_before_this_run"]) == (600, 300, 300)
+    assert served_rows(db) == {"auditor-1": 300, "auditor-2": 300}  # 600 rows in all: each asked once
+    digests = [b["digest"] for name in ("auditor-1", "auditor-2")
+               for b in json.loads(keys_cli(db, "ledger", name, "--json"))]
+    assert len(digests) == 6 == len(set(digests))  # six distinct batches of 100 rows
+    assert report["oracle"]["model_sha256"] == json.loads((digits_ce_model / "model.json").read_text())["onnx_sha256"]
+    assert report["complete"] and isinstance(report["verdict"]["undistillable"], bool)
+    assert set(report["teacher"]["cmi"]) == {"1", "2", "4", "8", "16", "32"}
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_bentoml_cmim_teacher_end_to_end(digits_cmim_model, tmp_path):
+    db = tmp_path / "keys.sqlite"
+    key = keys_cli(db, "add", "auditor").strip()
+    server = bento(digits_cmim_model / "model", tmp_path).start()
+    out = tmp_path / "report"
+    try:
+        assert audit("--endpoint", server.url, "--api-key", key, *COMMON, "--attacks", "kd-T4-a0.9,hard-label",
+                     "--out", str(out)) == 0
+    finally:
+        server.stop()
+    report = json.loads((out / "report.json").read_text())
+    assert report["oracle"]["mode"] == "cmim" and report["queries"]["asked_this_run"] == 600
+    assert served_rows(db) == {"auditor": 600}
+    for entry in report["attacks"].values():
+        assert entry["status"] == "ok" and len(entry["delta"]["per_seed"]) == 2
+    v = report["verdict"]
+    assert v["undistillable"] == (v["best_delta"] <= 0) and v["strongest_attack"] in report["attacks"]
