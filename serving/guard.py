@@ -166,8 +166,12 @@ async def read_body(receive, limit: int) -> bytes:
 
 
 def json_rows(body: bytes) -> int | None:
+    """Rows of a JSON prediction body (len of `inputs`), parsed with pydantic's fast JSON reader (the same
+    parser BentoML's request model uses, so both sides see the same rows); None when unreadable."""
+    from pydantic_core import from_json
+
     try:
-        data = json.loads(body)
+        data = from_json(body)
         inputs = data.get("inputs") if isinstance(data, dict) else None
         return len(inputs) if isinstance(inputs, list) else None
     except (ValueError, RecursionError, UnicodeDecodeError):

@@ -487,6 +487,10 @@ def test_policy_arrays_and_npy_header_in_process(digits_x):
     np.testing.assert_array_equal(apply_array(p, OutputPolicy("label")), [[0, 1, 0], [1, 0, 0]])
     np.testing.assert_allclose(apply_array(p, OutputPolicy("probs", decimals=0)), [[0, 1, 0], [0, 0, 0]])
     assert npy_rows(npy(digits_x[:7])) == 7 and npy_rows(b"junk") is None
+    from serving.guard import json_rows
+
+    # the guard counts rows with the parser BentoML's request model uses: a duplicated key counts as served
+    assert json_rows(b'{"inputs": [1], "inputs": [1, 2, 3]}') == 3 and json_rows(b"[" * 100000) is None
     obj = io.BytesIO()
     np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(InputError) as exc:
