@@ -96,7 +96,7 @@ def _redacted_command(argv: list[str]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from audit.oracle import HttpOracle, OnnxOracle
-    from audit.report import print_table, write_report
+    from audit.report import print_table
     from audit.runner import AuditSettings, run_audit
 
     if args.query_batch < 1 or args.retries < 0 or not 0 < args.floor < 1:
@@ -116,10 +116,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = run_audit(settings, oracle)
     finally:
         oracle.close()
-    paths = write_report(report, args.out)
     if not args.quiet:
         print_table(report)
-        print(f"report: {paths[2]} (also {paths[1].name}, {paths[0].name})")
+        print(f"report: {args.out / 'report.html'} (also report.md, report.json)")
     else:
         print(report["verdict"]["statement"])
     return 130 if not report["complete"] else 0

@@ -78,7 +78,8 @@ def _read_students(path: Path) -> dict[str, dict]:
 
 
 def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
-    """Run (or resume) the audit into `settings.out`; returns the report dict (also written to report.json)."""
+    """Run (or resume) the audit into `settings.out`; returns the report dict, also written there as
+    report.json, report.md and report.html."""
     from protect.cli import DATASET_DEFAULTS
     from protect.data import DictDataset, load_dataset, make_loader
     from protect.models import create_model
@@ -187,7 +188,9 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
 
     report = build_report(settings, info, splits.name, rows, asked, cached_before, cache.counters, recovery.summary(),
                           teacher, variants, runnable, not_run, results, interrupted)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    from audit.report import write_report
+
+    write_report(report, out)  # report.json, report.md, report.html
     return report
 
 
