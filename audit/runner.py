@@ -6,7 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,6 @@ class AuditSettings:
     device: str = "auto"
     progress: bool = True
     command: str = ""
-    extra: dict = field(default_factory=dict)
 
     def training_key(self) -> dict:
         """What makes two students comparable (a student from an earlier session is reused only if equal)."""
