@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "kd variants like kd-T2-a0.5 may be named directly")
     r.add_argument("--kd-grid", default="full", choices=["full", "quick"],
                    help="kd's grid: full = T∈{1,2,4,8,16,32} × α∈{0.5,0.9}; quick = T∈{2,4} × α∈{0.5,0.9}")
+    r.add_argument("--label-controls", action="store_true",
+                   help="also train every soft-output attack on the true labels alone (one-hot 'teacher'), to tell "
+                        "a gain that comes from the teacher's answers from one that comes from the recipe (doubles cost)")
     r.add_argument("--ls-epsilons", default="0.05,0.1,0.2", help="label-smoothing ε grid of the reference student")
     r.add_argument("--seeds", type=int, default=3, help="paired seeds (0..N-1) per student recipe (default 3)")
     r.add_argument("--epochs", type=int, default=4, help="epochs per student (default 4)")
@@ -103,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--query-batch must be ≥ 1, --retries ≥ 0 and --floor in (0, 1)")
     settings = AuditSettings(
         dataset=args.dataset, student=args.student, out=args.out, attacks=args.attacks, seeds=args.seeds,
-        epochs=args.epochs, budget=args.budget, kd_grid=args.kd_grid,
+        epochs=args.epochs, budget=args.budget, kd_grid=args.kd_grid, label_controls=args.label_controls,
         ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"), data_dir=args.data_dir, lr=args.lr,
         batch_size=args.batch_size, query_batch=args.query_batch, floor=args.floor, device=args.device,
         progress=not args.quiet, command=_redacted_command(args.argv))

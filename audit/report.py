@@ -28,6 +28,10 @@ def load_report(report_dir: str | Path) -> dict:
     return report
 
 
+def summarise_mean(values) -> float:
+    return sum(values) / len(values)
+
+
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
@@ -94,6 +98,14 @@ def render_markdown(report: dict) -> str:
     ]
     for row in rows(report):
         lines.append("| " + " | ".join(_cells(row)) + " |")
+    controls = [(n, e["label_control"]) for n, e in report["attacks"].items() if e.get("label_control")]
+    if controls:
+        lines += ["", "Label-only controls (the same recipe trained on one-hot true labels; gain = attack − control, "
+                  "what the teacher's answers add):", "", "| recipe | control accuracy % | gain (points) | 95% interval |",
+                  "|---|---|---|---|"]
+        for name, c in controls:
+            lines.append(f"| {name} | {_pct(summarise_mean(c['accuracy']))} | {_signed(c['delta']['mean'])} | "
+                         f"{_interval(c['delta']['ci95'])} |")
     lines += ["", "Not tried: " + (", ".join(f"`{t['attack']}` ({t['reason']})" for t in v["not_tried"]) or "none")
               + ". A model is protected only against the attacks that were tried.", ""]
     cmi = report["teacher"].get("cmi") or {}
@@ -171,6 +183,15 @@ def render_html(report: dict) -> str:
     facts = "".join(f"<li>{html.escape(line[2:])}</li>" for line in md if line.startswith("- "))
     imgs = "".join(f'<p><img alt="{k}" src="data:image/png;base64,{b}"></p>' for k, b in images.items())
     not_tried = ", ".join(f"{t['attack']} ({t['reason']})" for t in v["not_tried"]) or "none"
+    controls = [(n, e["label_control"]) for n, e in report["attacks"].items() if e.get("label_control")]
+    if controls:
+        table.append("<p>Label-only controls: the same recipe trained on one-hot true labels; gain = attack − "
+                     "control, what the teacher's answers add.</p><table><tr><th>recipe</th><th>control accuracy %</th>"
+                     "<th>gain (points)</th><th>95% interval</th></tr>")
+        for name, c in controls:
+            cells = (name, _pct(summarise_mean(c["accuracy"])), _signed(c["delta"]["mean"]), _interval(c["delta"]["ci95"]))
+            table.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
+        table.append("</table>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Distillation audit</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse}}

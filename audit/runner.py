@@ -37,6 +37,7 @@ class AuditSettings:
     epochs: int = 4
     budget: int | None = None
     kd_grid: str = "full"
+    label_controls: bool = False  # also train each soft attack on one-hot true labels (see docs/audit.md)
     ls_epsilons: tuple[float, ...] = LS_EPSILONS
     data_dir: str | None = None
     lr: float | None = None
@@ -143,7 +144,11 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
 
     training = settings.training_key()
     identity = {**training, "audit": cache.fingerprint}  # a student is reused only within the same audit
-    train_set = DictDataset(splits.normalise(splits.train_x), y, augment=splits.augment, teacher_logp=teacher_logp)
+    x_norm = splits.normalise(splits.train_x)
+    train_set = DictDataset(x_norm, y, augment=splits.augment, teacher_logp=teacher_logp)
+    controls = [v.label_control() for v in runnable if v.needs_soft] if settings.label_controls else []
+    labels_logp = recover_logp(np.eye(splits.num_classes, dtype=np.float32)[y.numpy()], settings.floor).logp
+    control_set = DictDataset(x_norm, y, augment=splits.augment, teacher_logp=labels_logp)
     test_set = DictDataset(splits.normalise(splits.test_x), splits.test_y)
     test_loader = make_loader(test_set, 1024, shuffle=False)
     store = out / STUDENTS
@@ -151,16 +156,16 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     probe = create_model(settings.student, splits.num_classes, c, h)
     feature_dims = dict(getattr(probe, "feature_dims", {}))
     del probe
-    ctx_base = dict(num_classes=splits.num_classes, feature_dims=feature_dims, teacher_logp=teacher_logp, labels=y)
-
-    results: dict[str, list[float | None]] = {v.name: [None] * settings.seeds for v in references + runnable}
-    histories: dict[str, list] = {}
+    recipes = references + runnable + controls
+    results: dict[str, list[float | None]] = {v.name: [None] * settings.seeds for v in recipes}
     interrupted = False
-    total = len(references + runnable) * settings.seeds
+    total = len(recipes) * settings.seeds
     count = 0
     for seed in range(settings.seeds):
-        loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
-        for variant in references + runnable:
+        # Both loaders are seeded alike: a control sees the same batches as its attack.
+        loaders = {False: make_loader(train_set, batch_size, shuffle=True, seed=seed),
+                   True: make_loader(control_set, batch_size, shuffle=True, seed=seed)}
+        for variant in recipes:
             count += 1
             key = _student_key(variant, seed, identity)
             if key in done:
@@ -168,9 +173,11 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
                 continue
             torch.manual_seed(seed)  # same initial student weights for every attack at this seed (paired)
             model = create_model(settings.student, splits.num_classes, c, h)
-            objective = variant.build(AttackContext(seed=seed, **ctx_base))
+            objective = variant.build(AttackContext(num_classes=splits.num_classes, feature_dims=feature_dims,
+                                                    teacher_logp=labels_logp if variant.control else teacher_logp,
+                                                    labels=y, seed=seed))
             cfg = TrainConfig(epochs=settings.epochs, lr=lr, batch_size=batch_size, seed=seed, device=settings.device)
-            result = fit(model, objective, loader, test_loader, cfg, progress=settings.progress,
+            result = fit(model, objective, loaders[variant.control], test_loader, cfg, progress=settings.progress,
                          desc=f"[{count}/{total}] {variant.name} seed {seed}")
             if result.interrupted:
                 interrupted = True
@@ -196,7 +203,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
 def build_report(settings: AuditSettings, info, dataset: str, rows: int, asked: int, cached_before: int,
                  counters: dict, recovery: dict, teacher: dict, variants: list[Variant], runnable: list[Variant],
                  not_run: dict[str, str], results: dict[str, list], interrupted: bool) -> dict:
-    from audit.attacks import ATTACKS, BATTERY
+    from audit.attacks import ATTACKS, BATTERY, CONTROL_SUFFIX
 
     def complete(name: str) -> list[float] | None:
         accs = results.get(name)
@@ -225,6 +232,9 @@ def build_report(settings: AuditSettings, info, dataset: str, rows: int, asked: 
             acc = complete(v.name)
             entry.update(status="ok", accuracy=acc, summary=summarise(acc),
                          delta=paired_delta(acc, ls_acc) if ls_acc else None)
+            control = complete(v.name + CONTROL_SUFFIX)
+            if control:
+                entry["label_control"] = {"accuracy": control, "delta": paired_delta(acc, control)}
         attacks[v.name] = entry
     scored = {n: e["delta"]["mean"] for n, e in attacks.items() if e.get("delta")}
     verdict: dict = {"undistillable": None, "strongest_attack": None, "best_delta": None, "margin": None,
@@ -234,6 +244,8 @@ def build_report(settings: AuditSettings, info, dataset: str, rows: int, asked: 
         d = attacks[best]["delta"]
         verdict.update(undistillable=bool(d["mean"] <= 0), strongest_attack=best, best_delta=d["mean"],
                        margin=-d["mean"], interval=d["ci95"])
+        control = attacks[best].get("label_control")
+        verdict["strongest_gain_over_label_control"] = control["delta"]["mean"] if control else None
     selected = {v.attack for v in variants}
     not_tried = [{"attack": a, "reason": "not selected (--attacks)"} for a in BATTERY if a not in selected]
     not_tried += [{"attack": n, "reason": r} for n, r in not_run.items()]
@@ -249,6 +261,7 @@ def build_report(settings: AuditSettings, info, dataset: str, rows: int, asked: 
         "student": settings.student,
         "training": {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
                      "seeds": list(range(settings.seeds)), "kd_grid": settings.kd_grid, "optimizer": "sgd",
+                     "label_controls": settings.label_controls,
                      "schedule": "cosine", "loop": "protect.trainer.fit"},
         "queries": {"transfer_rows": rows, "asked_this_run": asked, "cached_before_this_run": cached_before,
                     "rows_sent_total": counters["rows_sent"], "requests_total": counters["requests"],
@@ -269,6 +282,11 @@ def _statement(verdict: dict, dataset: str, settings: AuditSettings, rows: int, 
     scope = (f"against the attacks tried (student {settings.student}, {rows} transfer rows of {dataset}, "
              f"{settings.epochs} epochs, {seeds} paired seeds); untried attacks are not covered")
     d = verdict["best_delta"] * 100
+    control = verdict.get("strongest_gain_over_label_control")
+    if not verdict["undistillable"] and control is not None and control <= 0:
+        return (f"DISTILLABLE by the protocol's rule {scope}: {verdict['strongest_attack']} beat the label-smoothing "
+                f"student by Δ = {d:+.2f} points, but the same recipe trained on the true labels alone did as well "
+                f"({control * 100:+.2f} points for the teacher's answers): the gain is the recipe's, not the teacher's.")
     if verdict["undistillable"]:
         return (f"UNDISTILLABLE {scope}: no knockoff beat the label-smoothing student; the strongest, "
                 f"{verdict['strongest_attack']}, reached Δ = {d:+.2f} points (margin {-d:.2f}).")

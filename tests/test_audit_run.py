@@ -359,3 +359,21 @@ def test_bentoml_cmim_teacher_end_to_end(digits_cmim_model, tmp_path):
         assert entry["status"] == "ok" and len(entry["delta"]["per_seed"]) == 2
     v = report["verdict"]
     assert v["undistillable"] == (v["best_delta"] <= 0) and v["strongest_attack"] in report["attacks"]
+
+
+def test_label_controls_train_each_soft_attack_on_the_labels_alone(digits_ce_model, tmp_path):
+    out = tmp_path / "r"
+    assert audit("--model", str(digits_ce_model), *COMMON, "--attacks", "logit-std,hard-label", "--label-controls",
+                 "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["attacks"]["logit-std"]
+    control = entry["label_control"]
+    assert control["delta"]["per_seed"] == pytest.approx([a - c for a, c in zip(entry["accuracy"], control["accuracy"])])
+    assert "label_control" not in report["attacks"]["hard-label"]  # its control would be the CE student
+    trained = [json.loads(line)["variant"] for line in (out / "students.jsonl").read_text().splitlines()]
+    assert trained.count("logit-std@labels") == 2 and "hard-label@labels" not in trained
+    assert "Label-only controls" in (out / "report.md").read_text()
+    v = report["verdict"]
+    best = report["attacks"][v["strongest_attack"]]
+    expected = best["label_control"]["delta"]["mean"] if "label_control" in best else None
+    assert v["strongest_gain_over_label_control"] == expected

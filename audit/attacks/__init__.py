@@ -42,6 +42,11 @@ class Variant:
     attack: str
     options: dict
     needs_soft: bool = True
+    control: bool = False  # trained on a label-only "teacher" (one-hot true labels) instead of the oracle's answers
+
+    def label_control(self) -> "Variant":
+        """The same recipe with the teacher replaced by the true labels: what it gains without the teacher."""
+        return Variant(f"{self.name}{CONTROL_SUFFIX}", self.attack, self.options, self.needs_soft, control=True)
 
     def build(self, ctx: AttackContext) -> Objective:
         if self.attack in REFERENCE_NAMES:
@@ -84,6 +89,7 @@ for _spec in [
 BATTERY = ("kd", "hard-label", "logit-mse", "logit-std", "dkd", "skeptical", "calibrated-kd", "vid", "mimkd")
 assert sorted(BATTERY) == ATTACKS.names()
 LS_EPSILONS = (0.05, 0.1, 0.2)
+CONTROL_SUFFIX = "@labels"
 REFERENCE_NAMES = ("ls", "ce")
 
 
@@ -133,5 +139,5 @@ def expand_attacks(selection: str | list[str], kd_grid: str = "full") -> list[Va
     return [v for v in out if not (v.name in seen or seen.add(v.name))]
 
 
-__all__ = ["ATTACKS", "BATTERY", "AttackContext", "AttackSpec", "Attack", "Variant", "expand_attacks", "reference_variants",
+__all__ = ["ATTACKS", "BATTERY", "CONTROL_SUFFIX", "AttackContext", "AttackSpec", "Attack", "Variant", "expand_attacks", "reference_variants",
            "LS_EPSILONS", "KD", "HardLabel", "LogitMSE", "LogitStd", "DKD", "Skeptical", "CalibratedKD", "VID", "MIMKD"]
