@@ -91,11 +91,9 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         workers = _int("WORKERS", 1, minimum=1)
-        policy = OutputPolicy(kind=(_env("OUTPUT_POLICY", "probs") or "probs").lower(),
-                              k=_int("TOPK", None, minimum=1) if (_env("OUTPUT_POLICY") or "").lower() == "topk" else None,
+        kind = (_env("OUTPUT_POLICY", "probs") or "probs").lower()
+        policy = OutputPolicy(kind=kind, k=_int("TOPK", 3, minimum=1) if kind == "topk" else None,
                               decimals=_int("DECIMALS", None))
-        if policy.kind == "topk" and policy.k is None:
-            policy = OutputPolicy("topk", 3, policy.decimals)
         require = (_env("REQUIRE_KEYS", "auto") or "auto").lower()
         if require in ("1", "true", "yes", "on"):
             require = "on"

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 
-from serving.config import Settings
+from serving.config import DEFAULT_KEYS_DB, PREFIX
 from serving.ledger import Ledger
 
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ledger = Ledger(args.db or Settings.from_env().keys_db)
+    ledger = Ledger(args.db or os.environ.get(PREFIX + "KEYS_DB") or DEFAULT_KEYS_DB)
     try:
         if args.command == "add":
             if args.budget is not None and args.budget < 0 or args.rate is not None and args.rate <= 0:

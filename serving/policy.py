@@ -36,12 +36,13 @@ def _round(value: float, decimals: int | None) -> float:
 
 
 def rows_json(probs: np.ndarray, policy: OutputPolicy, classes: list[str]) -> list[dict]:
-    """Per-row answers for the JSON endpoint; fields the policy withholds are null."""
+    """Per-row answers for the JSON endpoint; lists the policy withholds are empty (not null: BentoML's
+    client cannot read a null list)."""
     order = _order(probs)
     out = []
     for p, idx in zip(probs, order):
         label = int(idx[0])
-        row = {"label": label, "class_name": classes[label], "probs": None, "topk": None}
+        row = {"label": label, "class_name": classes[label], "probs": [], "topk": []}
         if policy.kind == "probs":
             row["probs"] = [_round(v, policy.decimals) for v in p.tolist()]
         elif policy.kind == "topk":

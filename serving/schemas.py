@@ -39,8 +39,10 @@ class ClassScore(BaseModel):
 class RowPrediction(BaseModel):
     label: int = Field(description="index of the most probable class")
     class_name: str
-    probs: list[float] | None = Field(description="all class probabilities, in class order: policy probs only")
-    topk: list[ClassScore] | None = Field(description="the k most probable classes, most probable first: policy topk only")
+    probs: list[float] = Field(description="all class probabilities, in class order, under policy probs; "
+                               "empty under the other policies")
+    topk: list[ClassScore] = Field(description="the k most probable classes, most probable first, under policy "
+                                   "topk; empty under the other policies")
 
 
 class PredictResponse(BaseModel):

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from serving import bulk
 from protect.card import ModelDirError, verify_model_dir
-from serving.config import Settings
+from serving.config import ConfigError, Settings
 from serving.errors import InputError
 from serving.guard import GuardMiddleware
 from serving.ledger import Ledger
@@ -25,7 +25,11 @@ from serving.schemas import ImageResponse, Pixels, PredictResponse
 
 logger = logging.getLogger("bentoml.undistillable")
 
-SETTINGS = Settings.from_env()
+try:
+    SETTINGS = Settings.from_env()
+except ConfigError as exc:
+    logger.error("refusing to start: %s", exc)
+    raise SystemExit(f"undistillable serving: refusing to start: {exc}") from None
 try:  # fail fast, before any worker starts: a missing model or a sha256 mismatch stops the server
     verify_model_dir(SETTINGS.model_dir)
 except ModelDirError as exc:

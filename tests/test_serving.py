@@ -116,7 +116,7 @@ def test_probabilities_equal_onnx_eval_on_every_endpoint(server, model_dir, digi
         pj = np.array([row["probs"] for row in body["predictions"]])
         np.testing.assert_allclose(pj, ref[:20], atol=2e-6)
         assert [row["label"] for row in body["predictions"]] == ref[:20].argmax(1).tolist()
-        assert all(row["topk"] is None for row in body["predictions"])
+        assert all(row["topk"] == [] for row in body["predictions"])
 
         # uint8 .npy: the service divides by 255
         u8 = (x[:50] * 255).round().astype(np.uint8)
@@ -262,7 +262,7 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error(server, digits_x, tmp_pa
 
 @pytest.mark.parametrize("policy", ["topk", "label"])
 def test_output_policy(policy, model_dir, digits_x, tmp_path):
-    extra = {"output_policy": policy} | ({"topk": 3, "decimals": 2} if policy == "topk" else {})
+    extra = {"output_policy": policy} | ({"decimals": 2} if policy == "topk" else {})  # k defaults to 3
     srv = Server(settings(model_dir, tmp_path, **extra), tmp_path / "serve.log").start()
     x = digits_x[:40]
     ref = reference_probs(model_dir, x)
@@ -285,14 +285,14 @@ def test_output_policy(policy, model_dir, digits_x, tmp_path):
         for i in range(len(x)):
             np.testing.assert_array_equal(p[i, order[i, 3:]], 0)
             np.testing.assert_allclose(p[i, order[i, :3]], np.round(ref[i, order[i, :3]], 2), atol=1e-6)
-        assert all(row["probs"] is None and len(row["topk"]) == 3 for row in rows)
+        assert all(row["probs"] == [] and len(row["topk"]) == 3 for row in rows)
         assert [[t["index"] for t in row["topk"]] for row in rows] == order[:5, :3].tolist()
         assert all(round(t["prob"], 2) == t["prob"] for row in rows for t in row["topk"])
         assert len(ri.json()["top"]) == 3  # the policy's k caps the upload's top_k
     else:
         assert meta["output_policy"] == {"kind": "label", "k": None, "decimals": None}
         np.testing.assert_array_equal(p, np.eye(10, dtype=np.float32)[order[:, 0]])
-        assert all(row["probs"] is None and row["topk"] is None for row in rows)
+        assert all(row["probs"] == [] and row["topk"] == [] for row in rows)
         assert [row["label"] for row in rows] == order[:5, 0].tolist()
         top = ri.json()["top"]
         assert len(top) == 1 and top[0]["prob"] is None
@@ -338,11 +338,19 @@ def test_keys_are_required_and_health_stays_open(keyed, digits_x):
         assert c.post("/predict_npy", content=body, headers={"X-API-Key": keys["carol"]}).status_code == 200
         assert c.post("/predict", json={"inputs": digits_x[:2].tolist()},
                       headers={"X-API-Key": keys["carol"]}).status_code == 200
+    import bentoml  # BentoML's own client sends the key as a bearer token
+
+    with bentoml.SyncHTTPClient(srv.url, token=keys["carol"]) as bc:
+        answer = bc.predict(inputs=digits_x[:2].tolist())
+    assert len(answer["predictions"]) == 2 and len(answer["predictions"][0]["probs"]) == 10
+    with bentoml.SyncHTTPClient(srv.url) as bc:
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="unauthorized"):
+            bc.predict(inputs=digits_x[:2].tolist())
     assert "API keys required" in srv.log_text()
     stored = (db.read_bytes() + (db.with_name(db.name + "-wal").read_bytes() if db.with_name(db.name + "-wal").exists() else b""))
     assert keys["carol"].encode() not in stored, "keys must be stored hashed"
     u = usage(db, "carol")
-    assert u["rows_served"] == 3 + 3 + 2 and u["requests"] == 3
+    assert u["rows_served"] == 3 + 3 + 2 + 2 and u["requests"] == 4
     keys_cli(db, "revoke", "carol")
     with srv.client(keys["carol"]) as c:
         assert_error(c.post("/predict_npy", content=body), 401, "unauthorized")
