@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches-per-round", type=int, default=20)
     p.add_argument("--requests", type=int, default=400, help="single-image requests per concurrency level")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
-    p.add_argument("--workers", type=int, default=1, help="BentoML worker processes (ORT threads are split among them)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="BentoML worker processes (default: the server's default, one per core); ORT threads are split among them")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = p.parse_args(argv)
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     card = verify_model_dir(args.model_dir)
     threads = args.threads or cpu_count()
+    args.workers = args.workers or cpu_count()
     rng = np.random.default_rng(0)
     try:
         from protect.data import load_dataset

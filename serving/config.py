@@ -81,7 +81,7 @@ class Settings:
     require_keys: str = "auto"  # auto: keys are required as soon as the database holds an active key
     max_rows: int = 8192
     max_body_bytes: int = 64 << 20
-    workers: int = 1
+    workers: int = field(default_factory=cpu_count)
     api_threads: int = 4
     ort_threads: int = 1
     hide_options: bool = False
@@ -90,7 +90,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
-        workers = _int("WORKERS", 1, minimum=1)
+        workers = _int("WORKERS", cpu_count(), minimum=1)
         kind = (_env("OUTPUT_POLICY", "probs") or "probs").lower()
         policy = OutputPolicy(kind=kind, k=_int("TOPK", 3, minimum=1) if kind == "topk" else None,
                               decimals=_int("DECIMALS", None))
