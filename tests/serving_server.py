@@ -45,8 +45,9 @@ def npy(x: np.ndarray) -> bytes:
 class Server:
     """`bentoml serve serving.service:Undistillable` with UNDISTILLABLE_* settings, on 127.0.0.1."""
 
-    def __init__(self, env: dict[str, str], log: Path):
-        self.env, self.log = env, log
+    def __init__(self, env: dict[str, str | None], log: Path, target: str = "serving.service:Undistillable",
+                 cwd: Path = ROOT):
+        self.env, self.log, self.target, self.cwd = env, log, target, cwd
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -58,9 +59,10 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BENTOML_DO_NOT_TRACK": "true",
                "UNDISTILLABLE_ORT_THREADS": "1", **self.env}
+        env = {k: v for k, v in env.items() if v is not None}
         self._fh = open(self.log, "ab")
-        self.proc = subprocess.Popen([BENTOML, "serve", "serving.service:Undistillable", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], cwd=ROOT, env=env, stdout=self._fh,
+        self.proc = subprocess.Popen([BENTOML, "serve", self.target, "--host", "127.0.0.1",
+                                      "--port", str(self.port)], cwd=self.cwd, env=env, stdout=self._fh,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

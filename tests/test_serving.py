@@ -479,6 +479,16 @@ def test_bentoml_build_includes_the_model(model_dir, tmp_path):
     bento_src = bentos[0].parents[2]
     assert (bento_src / "serving" / "service.py").exists() and (bento_src / "protect" / "card.py").exists()
     assert (bento_src / "models/default/model.json").exists()
+    # the bento serves its packed model: no UNDISTILLABLE_MODEL_DIR, started outside the project
+    srv = Server({"BENTOML_HOME": str(home), "UNDISTILLABLE_MODEL_DIR": None,
+                  "UNDISTILLABLE_KEYS_DB": str(tmp_path / "keys.sqlite")}, tmp_path / "serve.log",
+                 target="undistillable:latest", cwd=tmp_path).start()
+    try:
+        with srv.client() as c:
+            assert c.get("/metadata").json()["model_sha256"] == hashlib.sha256(bentos[0].read_bytes()).hexdigest()
+            assert c.post("/predict_npy", content=npy(np.zeros((2, 1, 8, 8), np.uint8))).status_code == 200
+    finally:
+        srv.stop()
 
 
 # ---------------------------------------------------------------------------- pieces, in-process
