@@ -25,7 +25,7 @@ data:
 
 # The main job on the default dataset.
 demo: venv data
-	PYTHONUNBUFFERED=1 $(BIN)/python -m bench.demo
+	PYTHONUNBUFFERED=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m bench.demo
 
 test: venv
 	$(BIN)/python -m pytest -q

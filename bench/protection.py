@@ -40,8 +40,9 @@ def _protect(*argv: str) -> None:
         raise SystemExit(f"protect {' '.join(argv)} failed with exit status {code}")
 
 
-def train_teacher(work: Path, mode: str, args, extra: list[str]) -> Path:
-    run = work / "runs" / mode
+def train_teacher(work: Path, mode: str, args, extra: list[str], name: str | None = None) -> Path:
+    """Train (or resume, or reuse) the teacher `work/runs/<name or mode>`."""
+    run = work / "runs" / (name or mode)
     if (run / "model.pt").exists():
         return run
     common = ["--dataset", args.dataset, "--arch", args.teacher_arch, "--seed", str(args.teacher_seed),
