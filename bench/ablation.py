@@ -29,6 +29,8 @@ VARIANTS: dict[str, list[str]] = {
     "cmim-lam1-T2": ["--lam", "1", "--weighting", "T2"],
     "cmim-lam10-T1-32": ["--lam", "10", "--temperatures", "1,2,4,8,16,32"],
     "cmim-lam2": ["--lam", "2"],
+    "cmim-lam0.5-T2": ["--lam", "0.5", "--weighting", "T2"],
+    "cmim-lam3-T2": ["--lam", "3", "--weighting", "T2"],
 }
 
 

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (data is in memory)")
     c = t.add_argument_group("cmim / mcmi")
-    c.add_argument("--lam", type=float, help="λ: CMI weight (cmim default 5, mcmi default 0.25)")
+    c.add_argument("--lam", type=float, help="λ: CMI weight (cmim default 20, mcmi default 0.25)")
     c.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0],
                    help="cmim temperature grid, comma-separated (default 1,2,4,8,16)")
     c.add_argument("--aggregator", default="mean", choices=["mean", "max", "softmax"],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from protect.cmi import cmi_spectrum
+from protect.cmi import CMIM_DEFAULT_LAMBDA, cmi_spectrum
 from protect.data import load_dataset, make_loader, train_and_test_sets
 from protect.metrics import DEFAULT_EVAL_TEMPERATURES
 from protect.models import create_model
@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     if args.mode == "nasty" and args.reference is None:
         raise _usage("--mode nasty needs --reference RUN_DIR, a CE-trained model of the same task")
     if args.mode == "cmim":
-        options = {"lam": 5.0 if args.lam is None else args.lam, "temperatures": args.temperatures,
+        options = {"lam": CMIM_DEFAULT_LAMBDA if args.lam is None else args.lam, "temperatures": args.temperatures,
                    "aggregator": args.aggregator, "weighting": args.weighting,
                    "momentum": args.centroid_momentum, "exact_pass": args.exact_centroids}
     elif args.mode == "mcmi":

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from protect.cmi import Aggregator, CMIMLoss, MCMILoss, Weighting
+from protect.cmi import CMIM_DEFAULT_LAMBDA, Aggregator, CMIMLoss, MCMILoss, Weighting
 from protect.objectives.base import Objective
 
 
@@ -31,7 +31,7 @@ class CMIObjective(Objective):
                 "weighting": self.loss.weighting, "momentum": self.loss.bank.momentum, "exact_pass": self.exact_pass}
 
 
-def cmim(num_classes: int, lam: float = 5.0, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
+def cmim(num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
          aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
          exact_pass: bool = False) -> CMIObjective:
     return CMIObjective(CMIMLoss(num_classes, lam, temperatures, aggregator, weighting, momentum), exact_pass)
