@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
-
-from bench.protection import audit, export, summarise_audit, teacher_numbers, train_teacher
+from bench.protection import (add_scale_args, audit, export, provenance, summarise_audit, teacher_numbers,
+                             timing_line, train_teacher)
 
 # name -> protect-train flags; "ce" is the undefended reference row.
 VARIANTS: dict[str, list[str]] = {
@@ -38,7 +36,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# CMIM ablation: {s['dataset']}", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
-             f"Date: {result['date']}, wall time {result['wall_seconds'] / 60:.1f} min", "",
+             timing_line(result), "",
              f"Teachers `{s['teacher_arch']}`, {s['teacher_epochs']} epochs on {s['train_limit'] or 'all'} training "
              f"rows, teacher seed {s['teacher_seed']}; students `{s['student_arch']}`, {s['student_epochs']} epochs on "
              f"{s['budget']} transfer rows, {s['seeds']} paired seeds; attacks `{s['attacks']}` (kd grid "
@@ -57,22 +55,10 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--teacher-arch", default="cnn-small")
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--teacher-seed", type=int, default=0)
-    p.add_argument("--train-limit", type=int, default=20000, help="teacher training rows (0 = all)")
-    p.add_argument("--student-arch", default="cnn-tiny")
-    p.add_argument("--student-epochs", type=int, default=2)
-    p.add_argument("--budget", type=int, default=10000, help="transfer rows queried per audit")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--kd-grid", default="quick", choices=["quick", "full"])
-    p.add_argument("--attacks", default="kd,logit-mse,dkd")
+    add_scale_args(p, teacher_epochs=3, seeds=2, attacks="kd,logit-mse,dkd")
     p.add_argument("--variants", default="ce,cmim-lam5,cmim-lam10,cmim-lam20,cmim-lam5-max,cmim-lam1-T2", help=f"rows to produce, of: {', '.join(VARIANTS)}")
-    p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=Path("bench/work/ablation"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     args.train_limit = args.train_limit or None
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -90,13 +76,7 @@ def main() -> None:
         a = rows[name]["audit"]
         print(f"{name}: teacher {rows[name]['teacher']['test_accuracy']:.4f}, best Δ {a['best_delta']}, "
               f"strongest {a['strongest_attack']}", flush=True)
-    result = {"command": "python -m bench.ablation " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out", "quiet")),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-                         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-              "date": time.strftime("%Y-%m-%d"), "wall_seconds": time.time() - started,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "variants": rows}
+    result = {**provenance("bench.ablation", args, started, work), "variants": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"ablation-{args.dataset}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -125,7 +126,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Protection benchmark: {s['dataset']}", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
-             f"Date: {result['date']}, wall time {result['wall_seconds'] / 60:.1f} min", "",
+             timing_line(result), "",
              f"Teachers: `{s['teacher_arch']}`, {s['teacher_epochs']} epochs on "
              f"{s['train_limit'] or 'all'} training rows; students `{s['student_arch']}`, {s['student_epochs']} epochs "
              f"on {s['budget'] or 'all'} transfer rows, {s['seeds']} paired seeds, kd grid `{s['kd_grid']}`.", "",
@@ -152,27 +153,67 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_scale_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """The options that set a benchmark's scale (teachers, students, audits), shared by protection and ablation."""
+    d = {"teacher_arch": "cnn-small", "teacher_epochs": 4, "train_limit": 20000, "seeds": 3, "attacks": "all",
+         **defaults}
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--teacher-arch", default="cnn-small")
-    p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument("--mcmi-epochs", type=int, default=2)
+    p.add_argument("--teacher-arch", default=d["teacher_arch"])
+    p.add_argument("--teacher-epochs", type=int, default=d["teacher_epochs"])
     p.add_argument("--teacher-seed", type=int, default=0)
-    p.add_argument("--train-limit", type=int, default=20000, help="teacher training rows (0 = all)")
+    p.add_argument("--train-limit", type=int, default=d["train_limit"], help="teacher training rows (0 = all)")
     p.add_argument("--student-arch", default="cnn-tiny")
     p.add_argument("--student-epochs", type=int, default=2)
     p.add_argument("--budget", type=int, default=10000, help="transfer rows queried per audit")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=d["seeds"], help="paired student seeds per audit")
     p.add_argument("--kd-grid", default="quick", choices=["quick", "full"])
-    p.add_argument("--attacks", default="all")
+    p.add_argument("--attacks", default=d["attacks"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+
+def recorded_seconds(work: Path) -> dict:
+    """Training time recorded in the artifacts (teacher epochs, student epochs): the benchmark's real cost even
+    when this invocation only reused finished work."""
+    teachers = sum(json.loads(line).get("seconds", 0.0) for f in work.glob("runs/*/metrics.jsonl")
+                   for line in f.read_text().splitlines() if line.strip())
+    students = 0.0
+    for f in work.glob("reports/*/students.jsonl"):
+        for line in f.read_text().splitlines():
+            try:
+                students += sum(h.get("seconds", 0.0) for h in json.loads(line)["history"])
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return {"teachers": round(teachers, 1), "students": round(students, 1)}
+
+
+def provenance(script: str, args: argparse.Namespace, started: float, work: Path) -> dict:
+    """command, machine, date and times of a benchmark result."""
+    return {"command": f"python -m {script} " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out", "quiet")),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                       f"torch {torch.__version__}, "
+                       f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+            "date": time.strftime("%Y-%m-%d"), "wall_seconds": time.time() - started,
+            "recorded_training_seconds": recorded_seconds(work),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def timing_line(result: dict) -> str:
+    rec = result["recorded_training_seconds"]
+    return (f"Date: {result['date']}; training time recorded in the artifacts: teachers {rec['teachers'] / 60:.1f} min, "
+            f"students {rec['students'] / 60:.1f} min (this invocation: {result['wall_seconds'] / 60:.1f} min wall)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_scale_args(p)
+    p.add_argument("--mcmi-epochs", type=int, default=2)
     p.add_argument("--teachers", default="ce,ls,cmim,mcmi,nasty,ce-top1,ce-round1",
                    help="which rows to produce; ce-top1 / ce-round1 are the CE model served with top-1 only / 1 decimal")
     p.add_argument("--cmim-args", default="", help="extra protect-train flags for the CMIM teacher, e.g. '--lam 5'")
-    p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=Path("bench/work/protection"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     args.train_limit = args.train_limit or None
     started = time.time()
@@ -199,13 +240,7 @@ def main() -> None:
                       "policy": policy or {"kind": "probs"}}
         print(f"{name}: teacher {rows[name]['teacher']['test_accuracy']:.4f}, best Δ "
               f"{rows[name]['audit']['best_delta']}, strongest {rows[name]['audit']['strongest_attack']}", flush=True)
-    result = {"command": "python -m bench.protection " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out", "quiet")),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-                         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-              "date": time.strftime("%Y-%m-%d"), "wall_seconds": time.time() - started,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "teachers": rows}
+    result = {**provenance("bench.protection", args, started, work), "teachers": rows}
     result["targets"] = evaluate_targets(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"protection-{args.dataset}"
