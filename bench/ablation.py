@@ -55,7 +55,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_scale_args(p, teacher_epochs=3, seeds=2, attacks="kd,logit-mse,dkd")
+    add_scale_args(p, teacher_epochs=3, seeds=2, attacks="kd,logit-mse,dkd,logit-std")
     p.add_argument("--variants", default="ce,cmim-lam5,cmim-lam10,cmim-lam20,cmim-lam5-max,cmim-lam1-T2", help=f"rows to produce, of: {', '.join(VARIANTS)}")
     p.add_argument("--work", type=Path, default=Path("bench/work/ablation"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
