@@ -70,6 +70,11 @@ class FakeServing:
                 self._error(404, "not found")
 
             def do_POST(self):
+                if fake.stop_after is not None and fake.requests >= fake.stop_after:
+                    # Stopping: drop the connection unanswered. The listener closes in a thread after the last
+                    # answer, and a request that slips in before it must not be served either.
+                    self.close_connection = True
+                    return
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path != "/predict_npy":
                     return self._error(404, "not found")

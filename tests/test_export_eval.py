@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from protect.card import ModelDirError, load_card, normalise, verify_model_dir
+from protect.cmi import CMIM_DEFAULT_LAMBDA
 from protect.data import load_dataset
 from protect.predict import OnnxPredictor, TorchPredictor
 from tests.conftest import run_cli
@@ -21,7 +22,7 @@ def test_export_writes_one_file_with_dynamic_batch_and_a_full_card(digits_cmim_m
     assert dim0.dim_param and not dim0.dim_value  # symbolic batch axis
     card = verify_model_dir(model_dir)
     assert card.mode == "cmim" and card.num_classes == 10 and card.input_shape == [1, 8, 8]
-    assert card.options["lam"] == 5.0 and card.options["temperatures"] == [1, 2, 4, 8, 16]
+    assert card.options["lam"] == CMIM_DEFAULT_LAMBDA and card.options["temperatures"] == [1, 2, 4, 8, 16]
     assert set(card.cmi) == {"1", "4", "16"} and card.test_accuracy > 0.5
     predictor = OnnxPredictor(model_dir)
     for n in (1, 3, 700):  # any batch size
