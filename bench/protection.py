@@ -143,6 +143,10 @@ def markdown(result: dict) -> str:
                      f"{t['cmi']['16']:.5f} | {t['ncmi']:.4f} | {ls} | {best} | {ci} | {a['strongest_attack']} | {kd} | {verdict} |")
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
+    lines += ["", "## Attacks that beat the LS student (mean Δ > 0, points)", ""]
+    for name, row in result["teachers"].items():
+        won = sorted(((d, n) for n, d in row["audit"]["deltas"].items() if d > 0), reverse=True)
+        lines.append(f"- {name}: " + (", ".join(f"{n} {d * 100:+.2f}" for d, n in won) or "none"))
     lines += ["", "## Δ per attack (points, mean over seeds)", ""]
     names = sorted({n for row in result["teachers"].values() for n in row["audit"]["deltas"]})
     lines += ["| attack | " + " | ".join(result["teachers"]) + " |", "|---" * (len(result["teachers"]) + 1) + "|"]
