@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -193,8 +195,7 @@ def recorded_seconds(work: Path) -> dict:
 
 def provenance(script: str, args: argparse.Namespace, started: float, work: Path) -> dict:
     """command, machine, date and times of a benchmark result."""
-    return {"command": f"python -m {script} " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out", "quiet")),
+    return {"command": f"python -m {script} " + shlex.join(sys.argv[1:]),  # as typed: it reruns as is
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                        f"torch {torch.__version__}, "
                        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
