@@ -75,12 +75,24 @@ def _verdict_line(report: dict) -> str:
     return report["verdict"]["statement"]
 
 
+def _beyond_labels_line(report: dict) -> str | None:
+    b = report["verdict"].get("beyond_labels")
+    if not b:
+        return None
+    interval = f", 95% interval {_interval(b['interval'])}" if b.get("interval") else ""
+    return (f"Beyond the teacher's labels: the strongest soft-output attack, {b['strongest_attack']}, scores "
+            f"{_signed(b['best_delta'])} points against the hard-label student{interval} "
+            f"(≤ 0: the soft outputs add nothing to the labels).")
+
+
 def render_markdown(report: dict) -> str:
     v, q, r = report["verdict"], report["queries"], report["recovery"]
     lines = [f"# Distillation audit: {report['oracle']['source']}", "", f"**{_verdict_line(report)}**", ""]
     if v.get("interval"):
         lines += [f"Strongest attack: `{v['strongest_attack']}`, Δ = {_signed(v['best_delta'])} points, "
                   f"95% interval {_interval(v['interval'])}.", ""]
+    if _beyond_labels_line(report):
+        lines += [_beyond_labels_line(report), ""]
     lines += [
         f"- model sha256 `{report['oracle']['model_sha256'][:16]}…`, mode `{report['oracle'].get('mode')}`, "
         f"output policy `{json.dumps(report['oracle']['output_policy'])}`",
@@ -201,6 +213,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,t
 <p class="verdict">{html.escape(_verdict_line(report))}</p>
 <p>Strongest attack: {html.escape(str(v['strongest_attack']))}; Δ = {_signed(v['best_delta'])} points,
 95% interval {_interval(v['interval'])}.</p>
+<p>{html.escape(_beyond_labels_line(report) or "")}</p>
 <ul>{facts}</ul>
 {''.join(table)}
 <p>Not tried: {html.escape(not_tried)}. A model is protected only against the attacks that were tried.</p>
@@ -240,3 +253,5 @@ def print_table(report: dict, console=None) -> None:
     v = report["verdict"]
     colour = {True: "green", False: "red", None: "yellow"}[v["undistillable"]]
     console.print(f"[bold {colour}]{_verdict_line(report)}[/]")
+    if _beyond_labels_line(report):
+        console.print(_beyond_labels_line(report))

@@ -246,6 +246,7 @@ def build_report(settings: AuditSettings, info, dataset: str, rows: int, asked: 
                        margin=-d["mean"], interval=d["ci95"])
         control = attacks[best].get("label_control")
         verdict["strongest_gain_over_label_control"] = control["delta"]["mean"] if control else None
+    verdict["beyond_labels"] = None if interrupted else beyond_labels(attacks, {v.name: v.needs_soft for v in variants})
     selected = {v.attack for v in variants}
     not_tried = [{"attack": a, "reason": "not selected (--attacks)"} for a in BATTERY if a not in selected]
     not_tried += [{"attack": n, "reason": r} for n, r in not_run.items()]
@@ -274,6 +275,22 @@ def build_report(settings: AuditSettings, info, dataset: str, rows: int, asked: 
         "verdict": verdict,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
     }
+
+
+def beyond_labels(attacks: dict[str, dict], needs_soft: dict[str, bool]) -> dict | None:
+    """What the soft outputs add over the teacher's labels: each soft attack's paired Δ against the `hard-label`
+    student (trained on the teacher's argmax). The verdict's Δ is against true labels, so it also counts what the
+    labels themselves teach; this isolates the part that output-side training (CMIM) can control."""
+    hard = attacks.get("hard-label", {})
+    if hard.get("status") != "ok":
+        return None
+    deltas = {n: paired_delta(e["accuracy"], hard["accuracy"]) for n, e in attacks.items()
+              if needs_soft.get(n) and e.get("status") == "ok"}
+    if not deltas:
+        return None
+    best = max(deltas, key=lambda n: deltas[n]["mean"])
+    return {"reference": "hard-label", "strongest_attack": best, "best_delta": deltas[best]["mean"],
+            "interval": deltas[best]["ci95"], "per_attack": {n: d["mean"] for n, d in deltas.items()}}
 
 
 def _statement(verdict: dict, dataset: str, settings: AuditSettings, rows: int, seeds: int) -> str:

@@ -94,7 +94,8 @@ def summarise_audit(report: dict) -> dict:
     return {"verdict": v["undistillable"], "strongest_attack": v["strongest_attack"], "best_delta": v["best_delta"],
             "ci95": v["interval"], "best_kd": best_kd, "best_kd_delta": kd[best_kd]["mean"] if best_kd else None,
             "ls_student_accuracy": ls.get("mean"), "deltas": {n: d["mean"] for n, d in deltas.items()},
-            "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"]}
+            "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"],
+            "beyond_labels": v.get("beyond_labels")}
 
 
 def evaluate_targets(rows: dict) -> list[dict]:
@@ -132,8 +133,8 @@ def markdown(result: dict) -> str:
              f"Teachers: `{s['teacher_arch']}`, {s['teacher_epochs']} epochs on "
              f"{s['train_limit'] or 'all'} training rows; students `{s['student_arch']}`, {s['student_epochs']} epochs "
              f"on {s['budget'] or 'all'} transfer rows, {s['seeds']} paired seeds, kd grid `{s['kd_grid']}`.", "",
-             "| teacher | test acc | CMI T=1 | CMI T=4 | CMI T=16 | NCMI | LS student | best Δ (points) | 95% CI | strongest attack | best KD Δ | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| teacher | test acc | CMI T=1 | CMI T=4 | CMI T=16 | NCMI | LS student | best Δ (points) | 95% CI | strongest attack | best KD Δ | verdict | best soft Δ vs hard-label |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["teachers"].items():
         t, a = row["teacher"], row["audit"]
         ci = f"[{a['ci95'][0] * 100:+.2f}, {a['ci95'][1] * 100:+.2f}]" if a["ci95"] else "–"
@@ -141,8 +142,11 @@ def markdown(result: dict) -> str:
         best = f"{a['best_delta'] * 100:+.2f}" if a["best_delta"] is not None else "–"
         kd = f"{a['best_kd_delta'] * 100:+.2f}" if a["best_kd_delta"] is not None else "–"
         ls = f"{a['ls_student_accuracy'] * 100:.2f}" if a["ls_student_accuracy"] is not None else "–"
+        b = a.get("beyond_labels")
+        soft = f"{b['best_delta'] * 100:+.2f} ({b['strongest_attack']})" if b else "–"
         lines.append(f"| {name} | {t['test_accuracy'] * 100:.2f} | {t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | "
-                     f"{t['cmi']['16']:.5f} | {t['ncmi']:.4f} | {ls} | {best} | {ci} | {a['strongest_attack']} | {kd} | {verdict} |")
+                     f"{t['cmi']['16']:.5f} | {t['ncmi']:.4f} | {ls} | {best} | {ci} | {a['strongest_attack']} | {kd} | "
+                     f"{verdict} | {soft} |")
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
     lines += ["", "## Attacks that beat the LS student (mean Δ > 0, points)", ""]

@@ -163,6 +163,13 @@ def test_http_audit_of_a_ce_teacher_end_to_end(digits_ce_model, serve, tmp_path,
     assert v["strongest_attack"] == best and v["undistillable"] == (v["best_delta"] <= 0)
     assert {t["attack"] for t in v["not_tried"]} == {"logit-mse", "logit-std", "dkd", "skeptical", "calibrated-kd",
                                                      "mimkd"}
+    # the soft attacks against the teacher's own labels (hard-label), seed by seed
+    b, hard = v["beyond_labels"], report["attacks"]["hard-label"]["accuracy"]
+    expected = {n: float(np.mean([a - h for a, h in zip(report["attacks"][n]["accuracy"], hard)]))
+                for n in ("kd-T4-a0.9", "vid")}
+    assert b["reference"] == "hard-label" and b["per_attack"] == pytest.approx(expected)
+    assert b["strongest_attack"] == max(expected, key=expected.get) and b["best_delta"] == pytest.approx(max(expected.values()))
+    assert "Beyond the teacher's labels" in (out / "report.md").read_text()
     assert set(report["teacher"]["cmi"]) == {"1", "2", "4", "8", "16", "32"}
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert v["statement"] in (out / "report.md").read_text()
@@ -251,6 +258,7 @@ def test_label_only_endpoint_runs_only_label_attacks(digits_ce_model, serve, tmp
     assert report["attacks"]["hard-label"]["status"] == "ok"
     assert report["attacks"]["vid"]["status"] == "not run" and "labels only" in report["attacks"]["vid"]["reason"]
     assert {"kd-T4-a0.9", "vid"} <= {t["attack"] for t in report["verdict"]["not_tried"]}
+    assert report["verdict"]["beyond_labels"] is None  # no soft attack could run
     assert report["teacher"]["cmi"] == {} and "not measurable" in report["teacher"]["cmi_note"]
 
 
@@ -343,6 +351,7 @@ def test_bentoml_ce_teacher_budget_outage_and_resume_ask_no_row_twice(digits_ce_
     assert len(digests) == 6 == len(set(digests))  # six distinct batches of 100 rows
     assert report["oracle"]["model_sha256"] == json.loads((digits_ce_model / "model.json").read_text())["onnx_sha256"]
     assert report["complete"] and isinstance(report["verdict"]["undistillable"], bool)
+    assert report["verdict"]["beyond_labels"] is None  # no hard-label student to compare with
     assert set(report["teacher"]["cmi"]) == {"1", "2", "4", "8", "16", "32"}
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
