@@ -91,8 +91,9 @@ def render_markdown(report: dict) -> str:
     if v.get("interval"):
         lines += [f"Strongest attack: `{v['strongest_attack']}`, Δ = {_signed(v['best_delta'])} points, "
                   f"95% interval {_interval(v['interval'])}.", ""]
-    if _beyond_labels_line(report):
-        lines += [_beyond_labels_line(report), ""]
+    beyond = _beyond_labels_line(report)
+    if beyond:
+        lines += [beyond, ""]
     lines += [
         f"- model sha256 `{report['oracle']['model_sha256'][:16]}…`, mode `{report['oracle'].get('mode')}`, "
         f"output policy `{json.dumps(report['oracle']['output_policy'])}`",
@@ -253,5 +254,6 @@ def print_table(report: dict, console=None) -> None:
     v = report["verdict"]
     colour = {True: "green", False: "red", None: "yellow"}[v["undistillable"]]
     console.print(f"[bold {colour}]{_verdict_line(report)}[/]")
-    if _beyond_labels_line(report):
-        console.print(_beyond_labels_line(report))
+    beyond = _beyond_labels_line(report)
+    if beyond:
+        console.print(beyond)

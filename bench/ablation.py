@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.protection import (add_scale_args, audit, export, provenance, summarise_audit, teacher_numbers,
-                             timing_line, train_teacher)
+from bench.protection import (add_scale_args, audit, delta_cells, export, provenance, summarise_audit,
+                             teacher_numbers, timing_line, train_teacher)
 
 # name -> protect-train flags; "ce" is the undefended reference row.
 VARIANTS: dict[str, list[str]] = {
@@ -45,8 +45,7 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["variants"].items():
         t, a = row["teacher"], row["audit"]
-        ci = f"[{a['ci95'][0] * 100:+.2f}, {a['ci95'][1] * 100:+.2f}]" if a["ci95"] else "–"
-        best = f"{a['best_delta'] * 100:+.2f}" if a["best_delta"] is not None else "–"
+        best, ci = delta_cells(a)
         lines.append(f"| {name} | `{' '.join(row['flags']) or '--mode ce'}` | {t['test_accuracy'] * 100:.2f} | "
                      f"{t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {t['cmi']['16']:.5f} | {best} | {ci} | "
                      f"{a['strongest_attack']} |")

@@ -125,6 +125,14 @@ def evaluate_targets(rows: dict) -> list[dict]:
     return out
 
 
+def delta_cells(audit_summary: dict) -> tuple[str, str]:
+    """The best Δ and its 95% interval as table cells, in points."""
+    a = audit_summary
+    best = f"{a['best_delta'] * 100:+.2f}" if a["best_delta"] is not None else "–"
+    ci = f"[{a['ci95'][0] * 100:+.2f}, {a['ci95'][1] * 100:+.2f}]" if a["ci95"] else "–"
+    return best, ci
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Protection benchmark: {s['dataset']}", "",
@@ -137,9 +145,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["teachers"].items():
         t, a = row["teacher"], row["audit"]
-        ci = f"[{a['ci95'][0] * 100:+.2f}, {a['ci95'][1] * 100:+.2f}]" if a["ci95"] else "–"
+        best, ci = delta_cells(a)
         verdict = {True: "undistillable", False: "distillable", None: "–"}[a["verdict"]]
-        best = f"{a['best_delta'] * 100:+.2f}" if a["best_delta"] is not None else "–"
         kd = f"{a['best_kd_delta'] * 100:+.2f}" if a["best_kd_delta"] is not None else "–"
         ls = f"{a['ls_student_accuracy'] * 100:.2f}" if a["ls_student_accuracy"] is not None else "–"
         b = a.get("beyond_labels")
