@@ -252,7 +252,7 @@ class DictDataset(Dataset):
 
 
 def _flip_and_crop(x: Tensor, pad: int = 4) -> Tensor:
-    flip = torch.rand(x.shape[0]) < 0.5
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     h, w = x.shape[-2:]
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
@@ -262,6 +262,42 @@ def _flip_and_crop(x: Tensor, pad: int = 4) -> Tensor:
 
 def _passthrough(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch
+
+
+class TensorLoader:
+    """Dict batches cut from tensors held in memory (on the training device, if it is given): one shuffled index
+    per epoch and one gather per tensor per batch, no per-sample Dataset or collate work.
+
+    Shuffling follows `generator` (re-seeded by the trainer each epoch, like a DataLoader's); `augment` applies
+    the same flip-and-crop as `DictDataset`.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], batch_size: int, shuffle: bool, seed: int = 0,
+                 augment: bool = False, device: torch.device | str | None = None):
+        n = len(tensors["y"])
+        for k, v in tensors.items():
+            if len(v) != n:
+                raise ValueError(f"TensorLoader: {k!r} has {len(v)} rows, expected {n}")
+        self.tensors = {k: v.to(device) if device is not None else v for k, v in tensors.items()}
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = None
+        self._n = n
+
+    def __len__(self) -> int:
+        return (self._n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        device = self.tensors["y"].device
+        order = torch.randperm(self._n, generator=self.generator) if self.shuffle else torch.arange(self._n)
+        order = order.to(device)
+        for start in range(0, self._n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = {k: v[idx] for k, v in self.tensors.items()}
+            batch["index"] = idx
+            if self.augment:
+                batch["x"] = _flip_and_crop(batch["x"])
+            yield batch
 
 
 def make_loader(dataset: DictDataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0,

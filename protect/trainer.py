@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from protect.objectives.base import Objective
@@ -43,7 +42,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam | adamw
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | none
+    schedule: str = "cosine"  # cosine | onecycle | step | none
     warmup_epochs: float = 0.0
     batch_size: int = 128
     seed: int = 0
@@ -57,9 +56,12 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    test_accuracy: float
+    test_accuracy: float  # after the last epoch (nan when there is no test loader)
     history: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    best_val_accuracy: float | None = None  # with a validation loader: the best epoch's, whose weights are kept
+    best_epoch: int | None = None  # 1-based
+    stopped_early: bool = False  # `patience` epochs passed without a better validation accuracy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,24 +116,34 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_
             return (step + 1) / warmup
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        if cfg.schedule == "onecycle":
+            return _one_cycle(step / total)
         if cfg.schedule == "step":
             return 0.1 ** int(3 * step / total)  # ×0.1 at one and two thirds
         if cfg.schedule == "none":
             return 1.0
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, step or none")
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, onecycle, step or none")
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _one_cycle(progress: float, rise: float = 0.3, start: float = 0.04, end: float = 1e-4) -> float:
+    """Smith's one-cycle factor (torch's OneCycleLR shape): cosine from `start` up to 1 over the first `rise` of
+    training, then cosine down to `end`."""
+    if progress < rise:
+        return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * progress / rise))
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - rise) / (1 - rise))))
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
+def predict_logits(model: nn.Module, loader: Iterable[dict], device: torch.device) -> tuple[Tensor, Tensor]:
     """Logits and labels over a whole loader, in eval mode, on the CPU."""
     was_training = model.training
     model.eval()
     outs, labels = [], []
     for batch in loader:
         outs.append(model(batch["x"].to(device)).float().cpu())
-        labels.append(batch["y"])
+        labels.append(batch["y"].cpu())
     model.train(was_training)
     return torch.cat(outs), torch.cat(labels)
 
@@ -140,6 +152,20 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable[dict], device: torch.device) -> float:
+    """Top-1 accuracy over a loader, in eval mode (counted on the device: one host sync)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for batch in loader:
+        correct += (model(batch["x"].to(device)).argmax(1) == batch["y"].to(device)).sum()
+        seen += len(batch["y"])
+    model.train(was_training)
+    return int(correct) / max(1, seen)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -153,8 +179,8 @@ def load_checkpoint(path: Path) -> dict:
 def fit(
     model: nn.Module,
     objective: Objective,
-    train_loader: DataLoader,
-    test_loader: DataLoader | None,
+    train_loader: Iterable[dict],
+    test_loader: Iterable[dict] | None,
     cfg: TrainConfig,
     run_dir: Path | None = None,
     *,
@@ -162,12 +188,19 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     epoch_metrics: Callable[[nn.Module, Tensor, Tensor], dict] | None = None,
+    val_loader: Iterable[dict] | None = None,
+    patience: int | None = None,
+    patience_after: int = 0,
 ) -> TrainResult:
-    """Train `model` with `objective`; evaluate on `test_loader` after each epoch.
+    """Train `model` with `objective`; evaluate on `test_loader` after each epoch when one is given.
 
     With `run_dir`, writes `metrics.jsonl` (one line per epoch), an atomic `checkpoint.pt` per epoch and
     `model.pt` (the weights) at the end; `resume=True` continues from the checkpoint there.
     `epoch_metrics(model, test_logits, test_labels)` adds fields to each epoch's line (e.g. CMI).
+    With `val_loader`, the validation accuracy is measured after each epoch, the best epoch's weights are restored
+    at the end (early stopping), and training stops once `patience` epochs after epoch `patience_after` pass
+    without a better one (a one-cycle schedule's validation accuracy is noisy before its peak).
+    Loaders are DataLoaders or `protect.data.TensorLoader`s of dict batches.
     """
     rank, world = distributed_context()
     device = resolve_device(cfg.device)
@@ -188,6 +221,7 @@ def fit(
 
     history: list[dict] = []
     start_epoch = 0
+    state: dict = {}
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = run_dir / CHECKPOINT
@@ -209,36 +243,40 @@ def fit(
         elif ckpt_path.exists():
             raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
 
-    result = TrainResult(test_accuracy=history[-1]["test_acc"] if history else float("nan"), history=history)
+    result = TrainResult(test_accuracy=history[-1].get("test_acc", float("nan")) if history else float("nan"),
+                         history=history)
+    best = _EarlyStopping(patience, patience_after)
+    if val_loader is not None:
+        best.load(state.get("early_stopping"))
     show = progress and rank == 0
+    check_each_step = device.type == "cpu"  # a per-step finiteness check costs a host sync on an accelerator
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             # Per-epoch seeds make a resumed run see the same order and augmentation as an unbroken one.
             seed_everything(cfg.seed * 1000 + epoch)
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
-            elif train_loader.generator is not None:
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            elif getattr(train_loader, "generator", None) is not None:
                 train_loader.generator.manual_seed(cfg.seed * 1000 + epoch)
             objective.set_epoch(epoch, cfg.epochs)
             objective.begin_epoch(model, train_loader, device)
             train_model.train()
             objective.train()
-            sums: dict[str, float] = {}
-            correct = seen = 0
-            bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show, mininterval=1.0,
-                       dynamic_ncols=True)
-            for batch in bar:
+            # Running sums stay on the device: no host sync in the hot loop.
+            sums: dict[str, Tensor] = {}
+            correct = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show,
+                       mininterval=1.0, dynamic_ncols=True)
+            for step, batch in enumerate(bar):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast():
                     logits, losses = objective.forward_train(train_model, batch)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch + 1} ({parts}); stopped. "
-                        + ("The last good checkpoint is kept in " + str(run_dir) + ". " if run_dir else "")
-                        + "Lower the learning rate or the objective's weight (e.g. --lam), or enable --grad-clip.")
+                if check_each_step and not torch.isfinite(loss):
+                    _non_finite(epoch, {k: v.detach() for k, v in losses.items()}, run_dir)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -247,18 +285,25 @@ def fit(
                 scheduler.step()
                 n = len(batch["y"])
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-                correct += int((logits.detach().argmax(1) == batch["y"]).sum())
+                    sums[k] = sums[k] + v.detach().double() * n if k in sums else v.detach().double() * n
+                correct += (logits.detach().argmax(1) == batch["y"]).sum()
                 seen += n
-                if show:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / max(1, seen):.3f}")
-            totals = torch.tensor([correct, seen, *sums.values()], dtype=torch.float64, device=device)
+                if show and step % 50 == 0:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            totals = torch.stack([correct, torch.tensor(float(seen), dtype=torch.float64, device=device),
+                                  *sums.values()])
             if world > 1:
                 dist.all_reduce(totals)
-            correct_all, seen_all = float(totals[0]), float(totals[1])
+            totals_list = totals.tolist()
+            if not all(math.isfinite(v) for v in totals_list[2:]):
+                _non_finite(epoch, dict(zip(sums, totals[2:])), run_dir)
+            correct_all, seen_all = totals_list[0], totals_list[1]
             record: dict = {"epoch": epoch + 1,
-                            **{f"loss_{k}": float(v) / seen_all for k, v in zip(sums, totals[2:].tolist())},
+                            **{f"loss_{k}": v / seen_all for k, v in zip(sums, totals_list[2:])},
                             "train_acc": correct_all / seen_all, "lr": scheduler.get_last_lr()[0]}
+            if val_loader is not None:
+                record["val_acc"] = accuracy(model, val_loader, device)
+                best.update(record["val_acc"], epoch + 1, model)
             if test_loader is not None:
                 logits_t, labels_t = predict_logits(model, test_loader, device)
                 record["test_acc"] = float((logits_t.argmax(1) == labels_t).float().mean())
@@ -274,19 +319,64 @@ def fit(
                     fh.write(json.dumps(record) + "\n")
                 _atomic_save({"model": model.state_dict(), "objective": objective.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "epoch": epoch}, run_dir / CHECKPOINT)
+                              "epoch": epoch, "early_stopping": best.state()}, run_dir / CHECKPOINT)
             if show:
                 summary = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                                   if k in ("train_acc", "test_acc", "seconds") or k.startswith("loss_"))
+                                   if k in ("train_acc", "val_acc", "test_acc", "seconds") or k.startswith("loss_"))
                 tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: {summary}")
+            if best.exhausted():
+                result.stopped_early = True
+                break
     except KeyboardInterrupt:
         result.interrupted = True
         if show:
             tqdm.write(f"interrupted; the last complete epoch's checkpoint is kept in {run_dir}" if run_dir
                        else "interrupted")
+    if val_loader is not None and best.weights is not None and not result.interrupted:
+        model.load_state_dict(best.weights)
+        result.best_val_accuracy, result.best_epoch = best.accuracy, best.epoch
     if run_dir is not None and rank == 0 and not result.interrupted:
         _atomic_save(model.state_dict(), run_dir / WEIGHTS)
     return result
+
+
+def _non_finite(epoch: int, terms: dict[str, Tensor], run_dir: Path | None) -> None:
+    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {epoch + 1} ({parts}); stopped. "
+        + ("The last good checkpoint is kept in " + str(run_dir) + ". " if run_dir else "")
+        + "Lower the learning rate or the objective's weight (e.g. --lam), or enable --grad-clip.")
+
+
+class _EarlyStopping:
+    """The best validation accuracy so far, its epoch and weights, and the epochs since it (strict improvement)."""
+
+    def __init__(self, patience: int | None, after: int = 0):
+        self.patience, self.after = patience, after
+        self.accuracy: float | None = None
+        self.epoch: int | None = None
+        self.weights: dict[str, Tensor] | None = None
+        self.since = 0
+
+    def update(self, accuracy: float, epoch: int, model: nn.Module) -> None:
+        if self.accuracy is None or accuracy > self.accuracy:
+            self.accuracy, self.epoch, self.since = accuracy, epoch, 0
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch > self.after:
+            self.since += 1
+
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
+
+    def state(self) -> dict | None:
+        if self.accuracy is None:
+            return None
+        return {"accuracy": self.accuracy, "epoch": self.epoch, "since": self.since, "weights": self.weights}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.accuracy, self.epoch, self.since = state["accuracy"], state["epoch"], state["since"]
+            self.weights = state["weights"]
 
 
 def _buffer_spread(objective: nn.Module) -> float:
