@@ -4,4 +4,4 @@ Query it as a black box, train knockoff students with a battery of knowledge-dis
 label-smoothing reference student, and say whether the model is undistillable (DESIGN §3, §4).
 """
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2

@@ -1,7 +1,7 @@
 """`audit`: query a model as a black box, train knockoff students with a battery of KD attacks, give a verdict.
 
   audit run --endpoint http://127.0.0.1:3000 --api-key KEY --dataset fashion-mnist --out reports/fm
-  audit run --model models/cmim --dataset digits --attacks kd,vid --seeds 2 --epochs 2 --out reports/d
+  audit run --model models/cmim --dataset digits --attacks kd,vid --seeds 3 --epochs 5 --out reports/d
   audit attacks                 # the battery, one line each
   audit report reports/fm       # re-render report.md / report.html from report.json
 """
@@ -17,10 +17,19 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 RUN_EPILOG = """\
-The transfer set is the dataset's training split (the first --budget rows when given); students are
-evaluated on its test split. Every row is queried once per audit: answers are cached in OUT/cache as they
-arrive, so rerunning the same command after an interruption asks only for the missing rows and reuses the
-students already trained. Exit status: 0 done, 1 oracle/report failure, 2 bad input, 130 interrupted.
+The transfer set is the dataset's training split (the first --budget rows when given). A fixed slice of it
+(--val-fraction) is held out with its labels: every choice (the LS ε, the KD T × α point, calibration, the
+early-stopping epoch) is made there, and each attack family's choice alone is evaluated on the test split.
+Students train to a validation plateau (one-cycle schedule, best epoch kept) and are paired by seed.
+
+The outcome (DESIGN §3): distillable iff some family beats the label-smoothing student significantly
+(one-sided paired t-test, Holm over the families); undistillable iff every family's one-sided upper bound
+is within --margin points; otherwise inconclusive, with the seeds that would decide it (--seeds auto adds
+seeds in rounds 3, 5, 8, 12 until decided, splitting --alpha over the looks).
+
+Every row is queried once per audit: answers are cached in OUT/cache as they arrive, so rerunning the same
+command after an interruption asks only for the missing rows and retrains only unfinished students.
+Exit status: 0 done (whatever the outcome), 1 oracle/report/student failure, 2 bad input, 130 interrupted.
 """
 
 
@@ -36,22 +45,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--api-key", default=os.environ.get("AUDIT_API_KEY"), help="API key (default: $AUDIT_API_KEY)")
     r.add_argument("--dataset", default="fashion-mnist", help="dataset the transfer and test sets come from")
     r.add_argument("--data-dir", help="where the dataset's files are")
-    r.add_argument("--student", default="cnn-small", help="student architecture (protect's names or module:factory)")
+    r.add_argument("--student", default="cnn-tiny", help="student architecture (protect's names or module:factory; "
+                                                         "default cnn-tiny, ~25k parameters)")
     r.add_argument("--attacks", default="all", help="all, or comma-separated names (see `audit attacks`); "
                                                     "kd variants like kd-T2-a0.5 may be named directly")
     r.add_argument("--kd-grid", default="full", choices=["full", "quick"],
-                   help="kd's grid: full = T∈{1,2,4,8,16,32} × α∈{0.5,0.9}; quick = T∈{2,4} × α∈{0.5,0.9}")
+                   help="kd's candidates: full = T∈{1,2,4,8,16,32} × α∈{0.5,0.9}; quick = T∈{2,4} × α∈{0.5,0.9}")
     r.add_argument("--label-controls", action="store_true",
-                   help="also train every soft-output attack on the true labels alone (one-hot 'teacher'), to tell "
-                        "a gain that comes from the teacher's answers from one that comes from the recipe (doubles cost)")
-    r.add_argument("--ls-epsilons", default="0.05,0.1,0.2", help="label-smoothing ε grid of the reference student")
-    r.add_argument("--seeds", type=int, default=3, help="paired seeds (0..N-1) per student recipe (default 3)")
-    r.add_argument("--epochs", type=int, default=4, help="epochs per student (default 4)")
+                   help="also train every soft-output attack's choice on the true labels alone (one-hot 'teacher'), to "
+                        "tell a gain that comes from the teacher's answers from one that comes from the recipe")
+    r.add_argument("--ls-epsilons", default="0.05,0.1,0.2", help="label-smoothing ε candidates of the reference student")
+    r.add_argument("--seeds", default="5", help="paired seeds (0..N-1) per recipe, or 'auto': rounds of 3, 5, 8, 12 "
+                                               "seeds until the outcome is decided (default 5)")
+    r.add_argument("--max-seeds", type=int, default=12, help="cap for --seeds auto (default 12)")
+    r.add_argument("--alpha", type=float, default=0.05, help="test level α (default 0.05; split over --seeds auto's looks)")
+    r.add_argument("--margin", type=float, default=0.3,
+                   help="practical margin in accuracy points: undistillable needs every upper bound ≤ it (default 0.3)")
+    r.add_argument("--epochs", type=int, default=20,
+                   help="epochs per student, one-cycle schedule (default 20: the measured plateau, docs/audit.md)")
+    r.add_argument("--patience", type=int, default=5,
+                   help="stop a student after this many epochs past the learning-rate peak without a better "
+                        "validation accuracy; 0 = never (default 5). The best validation epoch is always kept")
+    r.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the transfer rows held out (labelled) to make every choice on (default 0.1)")
+    r.add_argument("--selection-seeds", type=int, default=1,
+                   help="seeds at which every candidate of a family (LS ε, KD T × α) is trained before choosing (default 1)")
+    r.add_argument("--jobs", type=int, help="students trained at once in worker processes (default: one per core on a "
+                                            "CPU, capped by memory; 1 on a GPU)")
+    r.add_argument("--threads", type=int, help="torch threads per job (default: cores ÷ jobs)")
     r.add_argument("--budget", type=int, help="query at most this many transfer rows (the first N of the split)")
-    r.add_argument("--lr", type=float, help="student learning rate (default per dataset)")
+    r.add_argument("--lr", type=float, help="student peak learning rate (default 0.2)")
     r.add_argument("--batch-size", type=int, help="student batch size (default per dataset)")
     r.add_argument("--query-batch", type=int, default=1024, help="rows per request to the oracle (default 1024)")
-    r.add_argument("--floor", type=float, default=1e-6, help="probability floor for log-prob recovery (default 1e-6)")
+    r.add_argument("--floor", type=float, help="probability floor for log-prob recovery (default: the smallest "
+                                               "positive value of the answers' dtype, 1.4e-45 for float32)")
     r.add_argument("--retries", type=int, default=5, help="retries on connection errors, 429 and 503 (default 5)")
     r.add_argument("--max-wait", type=float, default=60.0, help="longest single wait between retries, s (default 60)")
     r.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout per request, s (default 60)")
@@ -102,14 +129,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from audit.report import print_table
     from audit.runner import AuditSettings, run_audit
 
-    if args.query_batch < 1 or args.retries < 0 or not 0 < args.floor < 1:
+    if args.query_batch < 1 or args.retries < 0 or (args.floor is not None and not 0 < args.floor < 1):
         raise UsageError("--query-batch must be ≥ 1, --retries ≥ 0 and --floor in (0, 1)")
+    if args.jobs is not None and args.jobs < 1 or args.threads is not None and args.threads < 1:
+        raise UsageError("--jobs and --threads must be ≥ 1")
+    seeds: int | str = args.seeds.strip().lower()
+    if seeds != "auto":
+        try:
+            seeds = int(seeds)
+        except ValueError:
+            raise UsageError(f"--seeds: a number of paired seeds or 'auto', got {args.seeds!r}") from None
     settings = AuditSettings(
-        dataset=args.dataset, student=args.student, out=args.out, attacks=args.attacks, seeds=args.seeds,
-        epochs=args.epochs, budget=args.budget, kd_grid=args.kd_grid, label_controls=args.label_controls,
-        ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"), data_dir=args.data_dir, lr=args.lr,
-        batch_size=args.batch_size, query_batch=args.query_batch, floor=args.floor, device=args.device,
-        progress=not args.quiet, command=_redacted_command(args.argv))
+        dataset=args.dataset, student=args.student, out=args.out, attacks=args.attacks, seeds=seeds,
+        max_seeds=args.max_seeds, epochs=args.epochs, patience=args.patience or None, val_fraction=args.val_fraction,
+        selection_seeds=args.selection_seeds, budget=args.budget, kd_grid=args.kd_grid,
+        label_controls=args.label_controls, ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"),
+        data_dir=args.data_dir, lr=args.lr, batch_size=args.batch_size, query_batch=args.query_batch,
+        floor=args.floor, device=args.device, jobs=args.jobs, threads=args.threads, alpha=args.alpha,
+        margin=args.margin, progress=not args.quiet, command=_redacted_command(args.argv))
     if args.endpoint:
         oracle = HttpOracle(args.endpoint, args.api_key, timeout=args.timeout, retries=args.retries,
                             max_wait=args.max_wait)
@@ -133,8 +170,8 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     width = max(len(n) for n in BATTERY)
     for name in BATTERY:
         print(f"{name:<{width}}  {ATTACKS.get(name).summary}")
-    print(f"{'references':<{width}}  label smoothing ε ∈ {{{', '.join(f'{e:g}' for e in LS_EPSILONS)}}} (best is "
-          "the reference for Δ) and a plain CE student")
+    print(f"{'references':<{width}}  label smoothing ε ∈ {{{', '.join(f'{e:g}' for e in LS_EPSILONS)}}} (chosen on "
+          "validation; the reference for Δ) and a plain CE student")
     return 0
 
 
@@ -159,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from audit.oracle import OracleError, OracleMismatchError
     from audit.report import ReportError
     from audit.runner import AuditUsageError
+    from audit.students import StudentFailedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -171,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             CacheMismatchError) as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (OracleError, ModelDirError, ReportError, NonFiniteLossError) as exc:
+    except (OracleError, ModelDirError, ReportError, NonFiniteLossError, StudentFailedError) as exc:
         out = getattr(args, "out", None)
         kept = f" Answers received so far are kept in {out}/cache; rerun the same command to continue." \
             if out and (Path(out) / "cache").exists() else ""

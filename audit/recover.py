@@ -2,7 +2,8 @@
 
 Under the `probs` policy, log p = z − logsumexp(z), so softmax(log p / T) = softmax(z / T) exactly wherever
 p > 0. Top-k answers (zeros outside the top k), rounded answers (zeros below the rounding step) and
-float underflow leave entries at 0: they are clamped to a floor and counted. Rows are renormalised after
+float underflow leave entries at 0: they are clamped to a floor and counted. The default floor is the smallest
+positive value the answers' dtype carries (1.4e-45 for float32), so a strong attacker throws nothing away. Rows are renormalised after
 clamping, which changes only each row's additive constant on the log scale. A label-only endpoint returns
 one-hot rows: detected here, so that only attacks that need labels alone are run.
 """
@@ -14,7 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DEFAULT_FLOOR = 1e-6
+DEFAULT_FLOOR = None  # the smallest positive value of the answers' dtype
+
+
+def dtype_floor(dtype) -> float:
+    """The smallest positive value a floating dtype carries (its smallest subnormal); float64's for other dtypes."""
+    dtype = np.dtype(dtype)
+    return float(np.finfo(dtype if dtype.kind == "f" else np.float64).smallest_subnormal)
 
 
 @dataclass
@@ -39,8 +46,11 @@ def is_one_hot(answers: np.ndarray) -> bool:
     return bool(((a > 0).sum(1) == 1).all())
 
 
-def recover_logp(answers: np.ndarray, floor: float = DEFAULT_FLOOR, label_only: bool | None = None) -> Recovery:
-    """Probability-like answers (N, C) → log-probabilities with a floor, and what was clamped."""
+def recover_logp(answers: np.ndarray, floor: float | None = DEFAULT_FLOOR, label_only: bool | None = None) -> Recovery:
+    """Probability-like answers (N, C) → log-probabilities with a floor (default: the dtype's smallest positive
+    value), and what was clamped."""
+    answers = np.asarray(answers)
+    floor = dtype_floor(answers.dtype) if floor is None else float(floor)
     if not 0.0 < floor < 1.0:
         raise ValueError(f"floor must be in (0, 1), got {floor}")
     p = np.asarray(answers, dtype=np.float64)

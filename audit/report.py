@@ -40,65 +40,136 @@ def _signed(v) -> str:
     return "–" if v is None else f"{100 * v:+.2f}"
 
 
+def _pts(v) -> str:
+    """A value already in points, signed."""
+    return "–" if v is None else f"{v:+.2f}"
+
+
 def _interval(ci) -> str:
     return "–" if not ci else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
 
 
+def _config(entry: dict) -> str:
+    """The chosen configuration of a family, e.g. 'kd-T4-a0.5' (its name) or '' for a single one."""
+    sel = entry.get("selected")
+    return f" ({sel})" if sel and sel != entry.get("attack") else ""
+
+
+def _ls_accuracy(report: dict) -> str:
+    s = report["references"].get("ls", {}).get("summary") or {}
+    return f"{100 * s['mean']:.2f}%" if s.get("mean") is not None else "–"
+
+
+def describe_verdict(report: dict) -> str:
+    """The verdict in words a user can act on (DESIGN §3), with the LS student's accuracy beside every Δ."""
+    v, t = report["verdict"], report["training"]
+    ls = _ls_accuracy(report)
+    tried = [n for n, e in report["attacks"].items() if e.get("status") == "ok"]
+    confidence = f"{100 * (1 - v['alpha_per_look']):g}%"
+    scope = (f"Student {report['student']}, {t['train_rows']} transfer rows of {report['dataset']} "
+             f"({t['val_rows']} more for validation), {v['seeds']} paired seeds; attacks not tried are not covered.")
+    plateau = t.get("converged") or {}
+    caveat = f" Caution: {plateau['note']}." if plateau.get("before_plateau") else ""
+    fams = v.get("families") or {}
+    outcome = v.get("outcome")
+    if outcome is None:
+        return ("No verdict: the audit was interrupted or a reference student is missing; rerun the same command "
+                "to resume.")
+    if outcome == "undistillable":
+        worst = max(fams, key=lambda n: fams[n]["upper"])
+        return (f"UNDISTILLABLE against the {len(tried)} attack families tried: each gains at most "
+                f"+{v['margin']:g} points over the label-smoothing student (LS {ls}) at {confidence} confidence "
+                f"(largest upper bound {_pts(fams[worst]['upper'])}, {worst}{_config(report['attacks'][worst])}). "
+                + scope + caveat)
+    if outcome == "distillable":
+        winners = sorted((n for n, f in fams.items() if f["distillable"]), key=lambda n: fams[n]["p_holm"])
+        best = winners[0]
+        f = fams[best]
+        others = f"; also {', '.join(winners[1:])}" if len(winners) > 1 else ""
+        return (f"DISTILLABLE: {best}{_config(report['attacks'][best])} beats the label-smoothing student "
+                f"(LS {ls}) by {_pts(f['mean'])} points ({confidence} lower bound {_pts(f['lower'])}, Holm-adjusted "
+                f"one-sided p = {f['p_holm']:.2g}){others}. " + scope + caveat)
+    open_ = [n for n, f in fams.items() if not f["within_margin"]]
+    worst = max(open_, key=lambda n: fams[n]["upper"] if fams[n]["upper"] is not None else float("inf"))
+    need = v.get("seeds_to_decide")
+    more = (f"about {need - v['seeds']} more seeds ({need} in all) would decide it at the observed spread "
+            f"(--seeds {need}, or --seeds auto)" if need and need > v["seeds"] else
+            "the observed spread says more seeds alone would not decide it: the gain sits near the margin")
+    if v["seeds"] < 2:
+        more = "one seed gives no spread to test with: run at least 3 paired seeds"
+    return (f"INCONCLUSIVE after {v['seeds']} paired seeds: no attack family beats the label-smoothing student "
+            f"(LS {ls}) significantly, but {len(open_)} of {len(fams)} cannot be bounded by +{v['margin']:g} points "
+            f"(worst: {worst}{_config(report['attacks'][worst])}, Δ {_pts(fams[worst]['mean'])}, upper bound "
+            f"{_pts(fams[worst]['upper'])}); {more}. " + scope + caveat)
+
+
 def rows(report: dict) -> list[dict]:
-    """One row per student recipe, references first, for the tables."""
+    """One row per family (its chosen configuration), references first, for the tables."""
     out = []
     refs = report["references"]
-    ls = refs["ls"]
+    fams = report["verdict"].get("families") or {}
+    ls = refs.get("ls", {})
     if ls.get("summary"):
         out.append({"name": f"LS (ε={ls['best_epsilon']:g}, reference)", "acc": ls["summary"], "delta": None,
-                    "status": "reference"})
-    if refs["ce"].get("summary"):
-        out.append({"name": "CE (labels only)", "acc": refs["ce"]["summary"], "delta": refs["ce"]["delta_vs_ls"],
-                    "status": "reference"})
+                    "test": None, "status": "reference"})
+    if refs.get("ce", {}).get("summary"):
+        out.append({"name": "CE (labels only)", "acc": refs["ce"]["summary"], "delta": refs["ce"].get("delta"),
+                    "test": None, "status": "reference"})
     for name, e in report["attacks"].items():
-        out.append({"name": name, "acc": e.get("summary"), "delta": e.get("delta"), "status": e["status"],
-                    "reason": e.get("reason")})
+        status = e["status"]
+        test = fams.get(name)
+        if test is not None:
+            status = "beats LS" if test["distillable"] else ("≤ margin" if test["within_margin"] else "undecided")
+        out.append({"name": name + _config(e), "acc": e.get("summary"), "delta": e.get("delta"), "test": test,
+                    "status": status, "reason": e.get("reason")})
     return out
 
 
-def _cells(row: dict, with_std: bool = True) -> tuple[str, str, str, str, str]:
-    """(student, accuracy, Δ, interval, status) as text for one table row."""
-    acc, d = row["acc"], row["delta"]
+def _cells(row: dict) -> tuple[str, ...]:
+    """(student, accuracy, Δ, one-sided bounds, Holm p, status) as text for one table row."""
+    acc, d, t = row["acc"], row["delta"], row["test"]
     std = lambda s: _pct(s["std"]) if s["std"] is not None else "–"  # noqa: E731
     acc_s = "–" if not acc else f"{_pct(acc['mean'])} ± {std(acc)}"
-    d_s = "–" if not d else (f"{_signed(d['mean'])} ± {std(d)}" if with_std else _signed(d["mean"]))
+    d_s = "–" if not d else f"{_signed(d['mean'])} ± {std(d)}"
+    bounds = "–" if not t or t["lower"] is None else f"[{_pts(t['lower'])}, {_pts(t['upper'])}]"
+    p = "–" if not t or t["p_holm"] is None else f"{t['p_holm']:.3g}"
     status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
-    return row["name"], acc_s, d_s, _interval(d["ci95"]) if d else "–", status
+    return row["name"], acc_s, d_s, bounds, p, status
 
 
-def _verdict_line(report: dict) -> str:
-    return report["verdict"]["statement"]
+HEADERS = ("student", "accuracy % (mean ± std)", "Δ vs LS (points, mean ± std)", "one-sided bounds (points)",
+           "Holm p", "status")
 
 
-def _beyond_labels_line(report: dict) -> str | None:
-    b = report["verdict"].get("beyond_labels")
-    if not b:
-        return None
-    interval = f", 95% interval {_interval(b['interval'])}" if b.get("interval") else ""
-    return (f"Beyond the teacher's labels: the strongest soft-output attack, {b['strongest_attack']}, scores "
-            f"{_signed(b['best_delta'])} points against the hard-label student{interval} "
-            f"(≤ 0: the soft outputs add nothing to the labels).")
+def _selection_lines(report: dict) -> list[str]:
+    lines = []
+    for name, e in [("ls", report["references"].get("ls", {})), *report["attacks"].items()]:
+        cands = e.get("candidates") or {}
+        if len(cands) > 1:
+            scored = ", ".join(f"{c} {_pct(x['validation_accuracy'])}" for c, x in cands.items())
+            lines.append(f"- `{name}`: chose `{e.get('selected')}` on validation (mean accuracy over selection seeds "
+                         f"{e.get('selection_seeds')}): {scored}")
+    return lines
 
 
 def render_markdown(report: dict) -> str:
-    v, q, r = report["verdict"], report["queries"], report["recovery"]
-    lines = [f"# Distillation audit: {report['oracle']['source']}", "", f"**{_verdict_line(report)}**", ""]
-    if v.get("interval"):
-        lines += [f"Strongest attack: `{v['strongest_attack']}`, Δ = {_signed(v['best_delta'])} points, "
-                  f"95% interval {_interval(v['interval'])}.", ""]
+    v, q, r, t = report["verdict"], report["queries"], report["recovery"], report["training"]
+    lines = [f"# Distillation audit: {report['oracle']['source']}", "",
+             f"**Outcome: {v.get('outcome') or 'none'}.** {v['statement']}", "",
+             f"Rule (DESIGN §3): distillable iff some family's one-sided paired t-test of Δ ≤ 0 rejects at "
+             f"α = {v['alpha_per_look']:g} after Holm over the {len(v.get('families') or {})} families; undistillable "
+             f"iff every family's one-sided {100 * (1 - v['alpha_per_look']):g}% upper bound is ≤ +{v['margin']:g} "
+             f"points; inconclusive otherwise. Looks at {v['looks']} seeds (α = {v['alpha']:g} split over them).", ""]
     beyond = _beyond_labels_line(report)
     if beyond:
         lines += [beyond, ""]
     lines += [
         f"- model sha256 `{report['oracle']['model_sha256'][:16]}…`, mode `{report['oracle'].get('mode')}`, "
         f"output policy `{json.dumps(report['oracle']['output_policy'])}`",
-        f"- dataset `{report['dataset']}`, student `{report['student']}`, {report['training']['epochs']} epochs, "
-        f"seeds {report['training']['seeds']}, kd grid `{report['training']['kd_grid']}`",
+        f"- dataset `{report['dataset']}`, student `{report['student']}`: {t['train_rows']} training rows, "
+        f"{t['val_rows']} validation rows (every choice made there), seeds {t['seeds']}",
+        f"- training: {t['schedule']} schedule, up to {t['epochs']} epochs, lr {t['lr']:g}, batch {t['batch_size']}, "
+        f"best validation epoch kept, patience {t['patience']}; {t['converged']['note']}",
         f"- queries: {q['transfer_rows']} transfer rows; asked this run {q['asked_this_run']}, cached before "
         f"{q['cached_before_this_run']}; rows sent over all sessions {q['rows_sent_total']} in "
         f"{q['requests_total']} requests",
@@ -106,11 +177,15 @@ def render_markdown(report: dict) -> str:
         f"({r['clamped_rows']} rows); label-only: {r['label_only']}",
         f"- teacher agreement with the transfer labels: {_pct(report['teacher']['transfer_agreement'])}%",
         "",
-        "| student | accuracy % (mean ± std) | Δ vs LS (points) | 95% interval | status |",
-        "|---|---|---|---|---|",
+        "| " + " | ".join(HEADERS) + " |",
+        "|---" * len(HEADERS) + "|",
     ]
     for row in rows(report):
         lines.append("| " + " | ".join(_cells(row)) + " |")
+    selection = _selection_lines(report)
+    if selection:
+        lines += ["", "Choices made on the validation slice (the test split is used by the chosen ones only):", "",
+                  *selection]
     controls = [(n, e["label_control"]) for n, e in report["attacks"].items() if e.get("label_control")]
     if controls:
         lines += ["", "Label-only controls (the same recipe trained on one-hot true labels; gain = attack − control, "
@@ -131,6 +206,16 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _beyond_labels_line(report: dict) -> str | None:
+    b = report["verdict"].get("beyond_labels")
+    if not b:
+        return None
+    interval = f", 95% interval {_interval(b['interval'])}" if b.get("interval") else ""
+    return (f"Beyond the teacher's labels: the strongest soft-output attack, {b['strongest_attack']}, scores "
+            f"{_signed(b['best_delta'])} points against the hard-label student{interval} "
+            f"(≤ 0: the soft outputs add nothing to the labels).")
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -138,35 +223,36 @@ def _png(fig) -> str:
 
 
 def plots(report: dict) -> dict[str, str]:
-    """base64 PNGs: knockoff accuracy per attack against the LS line; the teacher's CMI across temperatures."""
+    """base64 PNGs: a forest plot of each family's Δ with its one-sided bounds and the margin; the teacher's CMI
+    across temperatures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = {}
-    names, means, errs = [], [], []
-    for name, e in report["attacks"].items():
-        if e.get("summary"):
-            names.append(name)
-            means.append(100 * e["summary"]["mean"])
-            errs.append(100 * (e["summary"]["std"] or 0.0))
-    ls = report["references"]["ls"].get("summary")
-    if names:
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
-        ax.bar(range(len(names)), means, yerr=errs, capsize=3, color="#4c72b0")
-        if ls:
-            ax.axhline(100 * ls["mean"], color="#c44e52", lw=1.5,
-                       label=f"LS reference ({100 * ls['mean']:.2f}%)")
-            if ls.get("std"):
-                ax.axhspan(100 * (ls["mean"] - ls["std"]), 100 * (ls["mean"] + ls["std"]), color="#c44e52", alpha=0.15)
-            ax.legend(loc="lower right")
-        lo = min(means + ([100 * ls["mean"]] if ls else [])) - max(errs + [1.0]) - 1
-        ax.set_ylim(max(0, lo), min(100, max(means) + max(errs + [0.0]) + 1))
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-        ax.set_ylabel("knockoff test accuracy (%)")
-        ax.set_title("Knockoff students vs the label-smoothing student (mean ± std over seeds)")
-        out["accuracy"] = _png(fig)
+    v = report["verdict"]
+    fams = v.get("families") or {}
+    if fams:
+        names = list(fams)
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.6))
+        for i, n in enumerate(names):
+            f = fams[n]
+            colour = "#c62828" if f["distillable"] else ("#2e7d32" if f["within_margin"] else "#ef6c00")
+            if f["lower"] is not None:
+                ax.plot([f["lower"], f["upper"]], [i, i], color=colour, lw=2.5)
+            ax.plot([f["mean"]], [i], "o", color=colour)
+            for x in f["per_seed"]:
+                ax.plot([x], [i + 0.18], "|", color="#777", ms=6)
+        ax.axvline(0, color="#333", lw=1)
+        ax.axvline(v["margin"], color="#c62828", lw=1, ls="--", label=f"margin +{v['margin']:g} points")
+        ax.set_yticks(range(len(names)), [n + _config(report["attacks"][n]) for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"Δ = knockoff − LS student (points; LS {_ls_accuracy(report)}); "
+                      f"bars: one-sided {100 * (1 - v['alpha_per_look']):g}% bounds, ticks: seeds")
+        ax.set_title(f"Outcome: {v.get('outcome')}")
+        ax.legend(loc="lower right", fontsize=8)
+        out["forest"] = _png(fig)
         plt.close(fig)
     cmi = report["teacher"].get("cmi") or {}
     if cmi:
@@ -183,17 +269,19 @@ def plots(report: dict) -> dict[str, str]:
     return out
 
 
+OUTCOME_COLOURS = {"undistillable": "#2e7d32", "distillable": "#c62828", "inconclusive": "#ef6c00", None: "#555"}
+
+
 def render_html(report: dict) -> str:
     v = report["verdict"]
     images = plots(report)
-    colour = {True: "#2e7d32", False: "#c62828", None: "#555"}[v["undistillable"]]
-    table = ["<table><tr><th>student</th><th>accuracy % (mean ± std)</th><th>Δ vs LS (points)</th>"
-             "<th>95% interval</th><th>status</th></tr>"]
+    table = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS) + "</tr>"]
     for row in rows(report):
         table.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(row)) + "</tr>")
     table.append("</table>")
     md = render_markdown(report).split("\n")
     facts = "".join(f"<li>{html.escape(line[2:])}</li>" for line in md if line.startswith("- "))
+    rule = next((line for line in md if line.startswith("Rule (DESIGN")), "")
     imgs = "".join(f'<p><img alt="{k}" src="data:image/png;base64,{b}"></p>' for k, b in images.items())
     not_tried = ", ".join(f"{t['attack']} ({t['reason']})" for t in v["not_tried"]) or "none"
     controls = [(n, e["label_control"]) for n, e in report["attacks"].items() if e.get("label_control")]
@@ -209,11 +297,11 @@ def render_html(report: dict) -> str:
 <html><head><meta charset="utf-8"><title>Distillation audit</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-.verdict{{color:{colour};font-size:1.2em;font-weight:bold}}</style></head><body>
+.verdict{{color:{OUTCOME_COLOURS.get(v.get('outcome'), '#555')};font-size:1.2em;font-weight:bold}}</style></head><body>
 <h1>Distillation audit of {html.escape(report['oracle']['source'])}</h1>
-<p class="verdict">{html.escape(_verdict_line(report))}</p>
-<p>Strongest attack: {html.escape(str(v['strongest_attack']))}; Δ = {_signed(v['best_delta'])} points,
-95% interval {_interval(v['interval'])}.</p>
+<p class="verdict">{html.escape((v.get('outcome') or 'no verdict').upper())}</p>
+<p>{html.escape(v['statement'])}</p>
+<p><small>{html.escape(rule)}</small></p>
 <p>{html.escape(_beyond_labels_line(report) or "")}</p>
 <ul>{facts}</ul>
 {''.join(table)}
@@ -241,19 +329,21 @@ def print_table(report: dict, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"audit of {report['oracle']['source']} ({report['dataset']}, student {report['student']})")
-    for col in ("student", "acc % (mean ± std)", "Δ vs LS", "95% interval", "status"):
+    for col in HEADERS:
         table.add_column(col, justify="left" if col in ("student", "status") else "right")
     for row in rows(report):
-        d = row["delta"]
-        style = "" if not d else ("red" if d["mean"] > 0 else "green")
-        table.add_row(*_cells(row, with_std=False), style=style)
+        t = row["test"]
+        style = "" if not t else ("red" if t["distillable"] else ("green" if t["within_margin"] else "yellow"))
+        table.add_row(*_cells(row), style=style)
     console.print(table)
     q = report["queries"]
     console.print(f"queries: {q['transfer_rows']} transfer rows, {q['asked_this_run']} asked this run, "
                   f"{q['rows_sent_total']} over all sessions")
     v = report["verdict"]
-    colour = {True: "green", False: "red", None: "yellow"}[v["undistillable"]]
-    console.print(f"[bold {colour}]{_verdict_line(report)}[/]")
+    colour = {"undistillable": "green", "distillable": "red"}.get(v.get("outcome"), "yellow")
+    from rich.markup import escape
+
+    console.print(f"[bold {colour}]{escape(v['statement'])}[/]")
     beyond = _beyond_labels_line(report)
     if beyond:
         console.print(beyond)

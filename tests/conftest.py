@@ -31,6 +31,14 @@ def digits_ce_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_ce_model(digits_ce_run, tmp_path_factory) -> Path:
+    """The CE teacher exported (model.onnx + model.json)."""
+    out = tmp_path_factory.mktemp("ce-model") / "model"
+    run_cli("export", str(digits_ce_run), "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def digits_cmim_model(tmp_path_factory) -> Path:
     """A CMIM teacher trained on digits and exported: (run dir, model dir)."""
     base = tmp_path_factory.mktemp("cmim")

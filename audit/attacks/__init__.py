@@ -44,6 +44,11 @@ class Variant:
     needs_soft: bool = True
     control: bool = False  # trained on a label-only "teacher" (one-hot true labels) instead of the oracle's answers
 
+    @property
+    def family(self) -> str:
+        """The attack family (or reference) it belongs to: one test per family in the verdict."""
+        return self.attack
+
     def label_control(self) -> "Variant":
         """The same recipe with the teacher replaced by the true labels: what it gains without the teacher."""
         return Variant(f"{self.name}{CONTROL_SUFFIX}", self.attack, self.options, self.needs_soft, control=True)
@@ -55,11 +60,13 @@ class Variant:
 
 
 def _calibrated(ctx: AttackContext, **options) -> CalibratedKD:
+    """τ is fitted on the audit's validation slice; without one (library use), on a fixed 10% of the rows."""
+    if ctx.val_logp is not None and ctx.val_labels is not None:
+        return CalibratedKD(fit_temperature(ctx.val_logp, ctx.val_labels), **options)
     if ctx.teacher_logp is None or ctx.labels is None:
-        raise ValueError("calibrated-kd needs the transfer set's teacher log-probabilities and labels")
+        raise ValueError("calibrated-kd needs the teacher's log-probabilities and labels of a validation slice")
     idx = calibration_slice(len(ctx.labels))
-    tau = fit_temperature(ctx.teacher_logp[idx], ctx.labels[idx])
-    return CalibratedKD(tau, **options)
+    return CalibratedKD(fit_temperature(ctx.teacher_logp[idx], ctx.labels[idx]), **options)
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")

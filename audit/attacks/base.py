@@ -21,9 +21,11 @@ class AttackContext:
 
     num_classes: int
     feature_dims: dict[str, int] = field(default_factory=dict)
-    teacher_logp: Tensor | None = None  # (N, C) recovered log-probabilities of the whole transfer set
-    labels: Tensor | None = None  # (N,) true labels of the transfer set
+    teacher_logp: Tensor | None = None  # (N, C) recovered log-probabilities of the rows students train on
+    labels: Tensor | None = None  # (N,) their true labels
     seed: int = 0
+    val_logp: Tensor | None = None  # the validation slice's answers, where attacks fit their own knobs
+    val_labels: Tensor | None = None
 
 
 def features(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
