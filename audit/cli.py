@@ -34,6 +34,8 @@ Exit status: 0 done (whatever the outcome), 1 oracle/report/student failure, 2 b
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from audit.runner import STUDENT_EPOCHS
+
     parser = argparse.ArgumentParser(prog="audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--alpha", type=float, default=0.05, help="test level α (default 0.05; split over --seeds auto's looks)")
     r.add_argument("--margin", type=float, default=0.3,
                    help="practical margin in accuracy points: undistillable needs every upper bound ≤ it (default 0.3)")
-    r.add_argument("--epochs", type=int, default=20,
-                   help="epochs per student, one-cycle schedule (default 20: the measured plateau, docs/audit.md)")
+    r.add_argument("--epochs", type=int, default=STUDENT_EPOCHS,
+                   help=f"epochs per student, one-cycle schedule (default {STUDENT_EPOCHS}: the measured plateau, "
+                        "docs/audit.md)")
     r.add_argument("--patience", type=int, default=5,
                    help="stop a student after this many epochs past the learning-rate peak without a better "
                         "validation accuracy; 0 = never (default 5). The best validation epoch is always kept")
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, help="students trained at once in worker processes (default: one per core on a "
                                             "CPU, capped by memory; 1 on a GPU)")
     r.add_argument("--threads", type=int, help="torch threads per job (default: cores ÷ jobs)")
+    r.add_argument("--references", type=Path,
+                   help="a directory of reference students (LS, CE) shared by audits of the same dataset, transfer "
+                        "rows and student recipe: they never see the teacher, so the second audit reuses them "
+                        "(run such audits one after another)")
     r.add_argument("--budget", type=int, help="query at most this many transfer rows (the first N of the split)")
     r.add_argument("--lr", type=float, help="student peak learning rate (default 0.2)")
     r.add_argument("--batch-size", type=int, help="student batch size (default per dataset)")
@@ -146,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         label_controls=args.label_controls, ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"),
         data_dir=args.data_dir, lr=args.lr, batch_size=args.batch_size, query_batch=args.query_batch,
         floor=args.floor, device=args.device, jobs=args.jobs, threads=args.threads, alpha=args.alpha,
-        margin=args.margin, progress=not args.quiet, command=_redacted_command(args.argv))
+        margin=args.margin, references=args.references, progress=not args.quiet,
+        command=_redacted_command(args.argv))
     if args.endpoint:
         oracle = HttpOracle(args.endpoint, args.api_key, timeout=args.timeout, retries=args.retries,
                             max_wait=args.max_wait)

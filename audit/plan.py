@@ -44,19 +44,31 @@ class StudentPlan:
     """The students an audit needs given what is already trained (`store`, records by key), and its choices."""
 
     def __init__(self, families: dict[str, Family], identity: dict, train: dict, patience: int | None,
-                 selection_seeds: int, controls: bool, out: Path):
+                 selection_seeds: int, controls: bool, out: Path, reference_identity: dict | None = None,
+                 reference_dir: Path | None = None):
         self.families, self.identity, self.train, self.patience = families, identity, train, patience
         self.selection_seeds, self.controls, self.out = selection_seeds, controls, out
+        # Reference students never see the teacher: keyed without it, they can be shared between audits.
+        self.reference_identity = reference_identity or identity
+        self.reference_dir = reference_dir
         self.store: dict[str, dict] = {}
 
+    def is_reference(self, family: str) -> bool:
+        return family in self.families and self.families[family].reference
+
+    def home(self, family: str) -> Path:
+        """Where a family's students are stored: the shared references directory for references, if given."""
+        return self.reference_dir if self.reference_dir is not None and self.is_reference(family) else self.out
+
     def key(self, variant: Variant, seed: int) -> str:
+        identity = self.reference_identity if self.is_reference(variant.family) else self.identity
         blob = json.dumps({"variant": variant.name, "options": variant.options, "control": variant.control,
-                           "seed": seed, **self.identity}, sort_keys=True)
+                           "seed": seed, **identity}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def task(self, family: str, variant: Variant, seed: int, evaluate_test: bool) -> StudentTask:
         key = self.key(variant, seed)
-        weights = None if evaluate_test else str(self.out / STUDENT_WEIGHTS_DIR / f"{key}.pt")
+        weights = None if evaluate_test else str(self.home(family) / STUDENT_WEIGHTS_DIR / f"{key}.pt")
         return StudentTask(key=key, family=family, variant=variant, seed=seed, train=self.train,
                            patience=self.patience, evaluate_test=evaluate_test, weights=weights)
 
@@ -103,7 +115,7 @@ class StudentPlan:
         return out
 
     def _weights(self, record: dict) -> Path:
-        return self.out / STUDENT_WEIGHTS_DIR / f"{record['key']}.pt"
+        return self.home(record["family"]) / STUDENT_WEIGHTS_DIR / f"{record['key']}.pt"
 
     def awaiting_test(self, seeds: int) -> list[StudentTask]:
         """Chosen students trained at a selection seed whose test accuracy is still to be measured (from weights)."""

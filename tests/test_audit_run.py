@@ -298,6 +298,21 @@ def test_in_process_audit_of_a_cmim_teacher_and_refusal_to_mix_caches(digits_cmi
     assert (out / "cache" / "answers.npy").read_bytes() == before
 
 
+def test_audits_of_two_teachers_share_their_reference_students(digits_ce_model, digits_cmim_model, tmp_path):
+    refs = tmp_path / "references"
+    args = [*COMMON, "--attacks", "hard-label", "--references", str(refs)]
+    assert audit("--model", str(digits_ce_model), *args, "--out", str(tmp_path / "ce")) == 0
+    shared = (refs / "students.jsonl").read_text()
+    assert audit("--model", str(digits_cmim_model / "model"), *args, "--out", str(tmp_path / "cmim")) == 0
+    assert (refs / "students.jsonl").read_text() == shared  # nothing trained again
+    ce, cmim = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ce", "cmim"))
+    assert ce["references"]["ls"]["accuracy"] == cmim["references"]["ls"]["accuracy"]
+    assert ce["references"]["ce"]["accuracy"] == cmim["references"]["ce"]["accuracy"]
+    for d in ("ce", "cmim"):  # each audit's own store holds its attacks only
+        assert {json.loads(line)["family"] for line in (tmp_path / d / "students.jsonl").read_text().splitlines()} \
+            == {"hard-label"}
+
+
 def test_attacks_lists_the_battery(capsys):
     assert main(["attacks"]) == 0
     text = capsys.readouterr().out
