@@ -34,6 +34,7 @@ class ModelCard(BaseModel):
     arch: str
     mode: str
     options: dict = Field(default_factory=dict)
+    output_temperature: float = Field(1.0, description="the exported logits are the trained model's divided by it")
     test_accuracy: float | None = None
     cmi: dict[str, float] = Field(default_factory=dict)
     onnx_sha256: str

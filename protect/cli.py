@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weighting", default="1", choices=["1", "T2"], help="w(T): 1 or T² (keeps high T from vanishing)")
     c.add_argument("--centroid-momentum", type=float, default=0.9, help="EMA momentum of the class centroids")
     c.add_argument("--exact-centroids", action="store_true", help="recompute exact class centroids at each epoch start")
+    c.add_argument("--lam-warmup", type=float, default=0.0,
+                   help="cmim: ramp λ linearly from 0 over this fraction of the epochs (default 0: full λ from the start)")
     c.add_argument("--init", type=Path, help="mcmi: run directory of the trained teacher to fine-tune")
     n = t.add_argument_group("nasty / ls")
     n.add_argument("--reference", type=Path, help="nasty: run directory of a CE-trained reference model")
@@ -113,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, type=Path, help="model directory to write")
     x.add_argument("--data-dir")
     x.add_argument("--force", action="store_true", help="replace an existing model directory")
+    x.add_argument("--temperature", type=float, default=1.0,
+                   help="serve logits / T: a temperature-recalibrated model (T < 1 sharpens, > 1 softens; accuracy "
+                        "is unchanged). Default 1")
 
     sub.add_parser("list", help="list modes, datasets and architectures")
     return parser
@@ -164,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from protect.export import export_run
 
-    card = export_run(args.run_dir, args.out, data_dir=args.data_dir, force=args.force)
+    card = export_run(args.run_dir, args.out, data_dir=args.data_dir, force=args.force, temperature=args.temperature)
     print(f"exported {args.run_dir} → {args.out} (test accuracy {card['test_accuracy']:.4f}, "
           f"ONNX/torch max |Δp| {card['parity_max_abs_diff']:.1e}, sha256 {card['onnx_sha256'][:16]}…)")
     return 0

@@ -32,13 +32,29 @@ def _to_onnx(model: torch.nn.Module, input_shape: list[int], path: Path) -> None
                           dynamic_shapes=({0: batch},), external_data=False, verbose=False)
 
 
+class _Tempered(torch.nn.Module):
+    """logits / T: a temperature-recalibrated model (the argmax, hence accuracy, is unchanged)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | None = None, force: bool = False,
-               parity_rows: int = 512) -> dict:
-    """Export, check probability parity against torch on real test inputs, write the card. Returns the card."""
+               parity_rows: int = 512, temperature: float = 1.0) -> dict:
+    """Export, check probability parity against torch on real test inputs, write the card. Returns the card.
+    `temperature` ≠ 1 bakes logits / T into the model (served probabilities recalibrated, accuracy unchanged)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    if not temperature > 0:
+        raise ExportError(f"--temperature must be > 0, got {temperature}")
     torch_pred = TorchPredictor(run_dir)
+    if temperature != 1.0:
+        torch_pred.model = _Tempered(torch_pred.model, temperature).eval()
     config = torch_pred.config
     splits = load_dataset(config["dataset"], data_dir or config.get("data_dir"))
     raw_test = splits.test_x.numpy()
@@ -48,6 +64,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | None
         _to_onnx(torch_pred.model, config["input_shape"], tmp_dir / ONNX)
         sha = sha256_file(tmp_dir / ONNX)
         card = card_from_config(config, onnx_sha256=sha)
+        card.output_temperature = float(temperature)
         (tmp_dir / CARD).write_text(card.model_dump_json(indent=2))
         onnx_pred = OnnxPredictor(tmp_dir)
 

@@ -34,7 +34,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
     if args.mode == "cmim":
         options = {"lam": CMIM_DEFAULT_LAMBDA if args.lam is None else args.lam, "temperatures": args.temperatures,
                    "aggregator": args.aggregator, "weighting": args.weighting,
-                   "momentum": args.centroid_momentum, "exact_pass": args.exact_centroids}
+                   "momentum": args.centroid_momentum, "exact_pass": args.exact_centroids,
+                   "lam_warmup": args.lam_warmup}
     elif args.mode == "mcmi":
         options = {"lam": 0.25 if args.lam is None else args.lam, "momentum": args.centroid_momentum,
                    "exact_pass": args.exact_centroids}
