@@ -1,12 +1,14 @@
-"""The protection benchmark (issue 5): teachers ce, ls, cmim, mcmi, nasty (+ output-side defences on CE),
-each audited with the attack battery; results in bench/results/protection-<dataset>.{json,md}.
+"""The protection benchmark (issue 11): teachers trained to convergence, each audited at the audit's converged
+default (choices on validation, ≥ 5 paired seeds, the three-outcome verdict of DESIGN §3).
 
-Every step is resumable: a teacher whose run finished, a model already exported, an audit's cached answers and
-its finished students are all reused, so a rerun after a crash or a change of one setting redoes only what is
-missing. Output-side defences are audited with the same oracle code, the policy applied to the model's answers.
+Rows: `ce`, `cmim` (required), `mcmi` (fine-tuned from ce), `nasty` (reference ce), `ce-top1` / `ce-round1` (the ce
+model served with top-1 only / 1 decimal), `cmim-cal` (the cmim model served temperature-recalibrated), and any
+CMIM variant of bench/ablation.py. Every step is resumable: finished teachers, exported models, answer caches and
+students are reused, and the reference students (LS, CE), which never see a teacher, are trained once for all.
+Results: bench/results/protection-<dataset>.{json,md}, rewritten after each row.
 
-    python -m bench.protection                       # the committed CPU scale (see --help)
-    python -m bench.protection --teacher-arch cnn-medium --teacher-epochs 15 --seeds 3 --kd-grid full --device cuda
+    python -m bench.protection                                   # the committed scale (see --help)
+    python -m bench.protection --teachers ce,cmim --seeds 5 --device cuda --jobs 12
 """
 from __future__ import annotations
 
@@ -15,178 +17,288 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from audit.oracle import OnnxOracle
-from audit.runner import AuditSettings, run_audit
-from protect.card import load_card
-from protect.cli import main as protect_main
-from protect.data import load_dataset
-from protect.metrics import classifier_report
-from protect.predict import OnnxPredictor
+ROOT = Path(__file__).resolve().parents[1]
 
-TARGETS = {
-    "cmim_accuracy_drop_max_points": 0.3,
-    "cmim_best_delta_max": 0.0,
-    "cmim_ci_upper_max_points": 0.3,
-    "ce_best_delta_min_points": 1.0,
+# name -> (protect mode, protect-train flags, serving policy applied by the oracle, what the row reuses)
+TEACHERS: dict[str, dict] = {
+    "ce": {"mode": "ce"},
+    "ls": {"mode": "ls"},
+    "cmim": {"mode": "cmim"},
+    "mcmi": {"mode": "mcmi", "needs": "ce"},
+    "nasty": {"mode": "nasty", "needs": "ce"},
+    "ce-top1": {"model_of": "ce", "policy": {"kind": "topk", "k": 1, "decimals": None}},
+    "ce-round1": {"model_of": "ce", "policy": {"kind": "probs", "k": None, "decimals": 1}},
+    "cmim-cal": {"model_of": "cmim", "recalibrate": True},
 }
+DEFAULT_TEACHERS = "ce,cmim,cmim-cal,mcmi,nasty,ce-top1"
+
+TARGETS = {"seeds_min": 5, "ls_student_min": 0.875, "ce_teacher_min": 0.915, "cmim_accuracy_drop_max_points": 0.3}
 
 
-def _protect(*argv: str) -> None:
-    code = protect_main(list(argv))
-    if code != 0:
-        raise SystemExit(f"protect {' '.join(argv)} failed with exit status {code}")
+def teacher_spec(name: str, variants: dict[str, list[str]]) -> dict:
+    """The spec of a row: a predefined teacher or a CMIM variant of bench/ablation.py (`cmim-…`)."""
+    if name in TEACHERS:
+        return TEACHERS[name]
+    if name in variants:
+        flags = variants[name]
+        return {"mode": "ce" if name == "ce" else "cmim", "flags": flags}
+    raise SystemExit(f"unknown teacher {name!r}; valid: {', '.join([*TEACHERS, *variants])}")
 
 
-def train_teacher(work: Path, mode: str, args, extra: list[str], name: str | None = None) -> Path:
-    """Train (or resume, or reuse) the teacher `work/runs/<name or mode>`."""
-    run = work / "runs" / (name or mode)
+def _protect_cmd(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "protect.cli", *argv]
+
+
+def train_command(work: Path, name: str, spec: dict, args) -> list[str] | None:
+    """The `protect train` command of a row's teacher, or None when it is finished already."""
+    run = work / "runs" / name
     if (run / "model.pt").exists():
-        return run
+        return None
+    if (run / "checkpoint.pt").exists():
+        return _protect_cmd("train", "--out", str(run), "--resume", "--quiet")
+    mode = spec["mode"]
+    flags = list(spec.get("flags", []))
+    epochs = args.mcmi_epochs if mode == "mcmi" else args.teacher_epochs
+    if mode == "mcmi":
+        flags += ["--init", str(work / "runs" / spec["needs"]), "--lr", "0.01"]
+    if mode == "nasty":
+        flags += ["--reference", str(work / "runs" / spec["needs"])]
     common = ["--dataset", args.dataset, "--arch", args.teacher_arch, "--seed", str(args.teacher_seed),
-              "--device", args.device, "--quiet"]
+              "--device", args.device, "--epochs", str(epochs), "--quiet"]
     if args.train_limit:
         common += ["--train-limit", str(args.train_limit)]
-    resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
-    if resume:
-        _protect("train", "--out", str(run), "--resume", "--quiet")
-    else:
-        _protect("train", "--mode", mode, "--epochs", str(args.teacher_epochs if mode != "mcmi" else args.mcmi_epochs),
-                 *common, *extra, "--out", str(run))
-    return run
+    if args.data_dir:
+        common += ["--data-dir", args.data_dir]
+    return _protect_cmd("train", "--mode", mode, *common, *flags, "--out", str(run))
 
 
-def export(work: Path, run: Path, name: str) -> Path:
+def train_teachers(work: Path, names: list[str], specs: dict[str, dict], args) -> None:
+    """Train every teacher the rows need, `--parallel-teachers` at a time (a teacher that others build on first)."""
+    own = [n for n in names if "mode" in specs[n]]
+    for n in names:
+        base = specs[n].get("model_of") or specs[n].get("needs")
+        if base and base not in own:
+            own.insert(0, base)
+            specs.setdefault(base, teacher_spec(base, {}))
+    first = [n for n in own if not specs[n].get("needs")]
+    later = [n for n in own if specs[n].get("needs")]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel_teachers))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+    def run(name: str) -> None:
+        cmd = train_command(work, name, specs[name], args)
+        if cmd is None:
+            return
+        log = work / "logs" / f"train-{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"training teacher {name}: {shlex.join(cmd[2:])}", flush=True)
+        with open(log, "w") as fh:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise SystemExit(f"teacher {name} failed (exit {code}); see {log}")
+
+    for group in (first, later):
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel_teachers)) as pool:
+            list(pool.map(run, group))
+
+
+def fit_recalibration(model: Path, dataset: str, data_dir: str | None) -> float:
+    """τ minimising the NLL of the model's test logits on the first half of the test split (the other half is
+    where its ECE is reported)."""
+    from audit.attacks.calibrated_kd import fit_temperature
+    from protect.data import load_dataset
+    from protect.predict import OnnxPredictor
+
+    splits = load_dataset(dataset, data_dir)
+    half = len(splits.test_y) // 2
+    logits = torch.from_numpy(OnnxPredictor(model).logits(splits.test_x[:half].numpy()))
+    return fit_temperature(torch.log_softmax(logits.double(), 1), splits.test_y[:half], lo=0.05, hi=20.0)
+
+
+def export(work: Path, name: str, run: Path, args, temperature: float = 1.0) -> Path:
     model = work / "models" / name
     if not (model / "model.json").exists():
-        _protect("export", str(run), "--out", str(model), "--force")
+        from protect.export import export_run
+
+        export_run(run, model, data_dir=args.data_dir, force=True, temperature=temperature)
     return model
 
 
-def audit(work: Path, model: Path, name: str, policy: dict | None, args) -> dict:
-    settings = AuditSettings(dataset=args.dataset, student=args.student_arch, out=work / "reports" / name,
-                             attacks=args.attacks, seeds=args.seeds, epochs=args.student_epochs, budget=args.budget,
-                             kd_grid=args.kd_grid, device=args.device, progress=not args.quiet,
-                             command=f"bench.protection ({name})")
-    return run_audit(settings, OnnxOracle(model, policy=policy))
+def teacher_numbers(model: Path, dataset: str, data_dir: str | None) -> dict:
+    """Test accuracy, CMI at T = 1/4/16, NCMI and ECE (on the whole test split and on its second half)."""
+    from protect.card import load_card
+    from protect.data import load_dataset
+    from protect.metrics import classifier_report, expected_calibration_error
+    from protect.predict import OnnxPredictor
 
-
-def teacher_numbers(model: Path, dataset: str) -> dict:
     card = load_card(model)
-    splits = load_dataset(dataset)
+    splits = load_dataset(dataset, data_dir)
     logits = torch.from_numpy(OnnxPredictor(model).logits(splits.test_x.numpy()))
     rep = classifier_report(logits, splits.test_y, card.num_classes, temperatures=(1, 4, 16))
+    half = len(splits.test_y) // 2
     return {"test_accuracy": rep["accuracy"], "cmi": rep["cmi"], "ncmi": rep["ncmi"], "ece": rep["ece"],
-            "mode": card.mode, "options": card.options}
+            "ece_second_half": expected_calibration_error(logits[half:], splits.test_y[half:]),
+            "mean_top_probability": float(torch.softmax(logits.double(), 1).max(1).values.mean()),
+            "mode": card.mode, "options": card.options, "output_temperature": card.output_temperature}
+
+
+def audit(work: Path, model: Path, name: str, policy: dict | None, args) -> dict:
+    from audit.oracle import OnnxOracle
+    from audit.runner import AuditSettings, run_audit
+
+    settings = AuditSettings(dataset=args.dataset, out=work / "reports" / name, student=args.student_arch,
+                             attacks=args.attacks, seeds=args.seeds if args.seeds == "auto" else int(args.seeds),
+                             epochs=args.student_epochs, budget=args.budget, kd_grid=args.kd_grid,
+                             data_dir=args.data_dir, device=args.device, jobs=args.jobs, threads=args.threads,
+                             references=work / "references", progress=not args.quiet,
+                             command=f"bench.protection ({name})")
+    oracle = OnnxOracle(model, policy=policy)
+    try:
+        return run_audit(settings, oracle)
+    finally:
+        oracle.close()
 
 
 def summarise_audit(report: dict) -> dict:
+    """What the results keep of an audit: the outcome, the LS student, and every family's Δ with its bounds."""
     v = report["verdict"]
-    deltas = {n: e["delta"] for n, e in report["attacks"].items() if e.get("delta")}
-    kd = {n: d for n, d in deltas.items() if n.startswith("kd")}
-    best_kd = max(kd, key=lambda n: kd[n]["mean"]) if kd else None
-    ls = report["references"]["ls"].get("summary") or {}
-    return {"verdict": v["undistillable"], "strongest_attack": v["strongest_attack"], "best_delta": v["best_delta"],
-            "ci95": v["interval"], "best_kd": best_kd, "best_kd_delta": kd[best_kd]["mean"] if best_kd else None,
-            "ls_student_accuracy": ls.get("mean"), "deltas": {n: d["mean"] for n, d in deltas.items()},
+    ls = report["references"]["ls"]
+    families = {}
+    for name, f in (v.get("families") or {}).items():
+        e = report["attacks"][name]
+        families[name] = {"selected": e.get("selected"), "mean": f["mean"], "upper": f["upper"], "lower": f["lower"],
+                          "p_holm": f["p_holm"], "per_seed": f["per_seed"], "distillable": f["distillable"],
+                          "within_margin": f["within_margin"],
+                          "candidates": {c: x["validation_accuracy"] for c, x in (e.get("candidates") or {}).items()}}
+    kd = families.get("kd")
+    return {"outcome": v["outcome"], "statement": v["statement"], "strongest_attack": v["strongest_attack"],
+            "best_delta": v["best_delta"], "largest_upper": max((f["upper"] for f in families.values()
+                                                                 if f["upper"] is not None), default=None),
+            "seeds": v["seeds"], "seeds_to_decide": v["seeds_to_decide"], "alpha": v["alpha_per_look"],
+            "margin": v["margin"], "ls_student_accuracy": (ls.get("summary") or {}).get("mean"),
+            "ls_epsilon": ls.get("best_epsilon"),
+            "ce_student_accuracy": (report["references"]["ce"].get("summary") or {}).get("mean"),
+            "families": families, "kd_delta": kd["mean"] if kd else None,
             "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"],
-            "beyond_labels": v.get("beyond_labels")}
+            "transfer_agreement": report["teacher"]["transfer_agreement"], "served_cmi": report["teacher"].get("cmi"),
+            "beyond_labels": v.get("beyond_labels"), "converged": report["training"]["converged"]}
 
 
-def evaluate_targets(rows: dict) -> list[dict]:
+def evaluate_targets(rows: dict, seeds_asked) -> list[dict]:
     out = []
     ce, cmim = rows.get("ce"), rows.get("cmim")
+    some = next(iter(rows.values()), None)
+    if some:
+        seeds = some["audit"]["seeds"]
+        out.append({"target": f"≥ {TARGETS['seeds_min']} paired seeds", "measured": f"{seeds} seeds",
+                    "reached": seeds >= TARGETS["seeds_min"]})
+        ls = some["audit"]["ls_student_accuracy"]
+        out.append({"target": f"LS student ≥ {100 * TARGETS['ls_student_min']:.1f}% (converged students)",
+                    "measured": f"{100 * ls:.2f}%" if ls is not None else "–",
+                    "reached": ls is not None and ls >= TARGETS["ls_student_min"]})
+    if ce:
+        acc = ce["teacher"]["test_accuracy"]
+        out.append({"target": f"CE teacher ≥ {100 * TARGETS['ce_teacher_min']:.1f}%", "measured": f"{100 * acc:.2f}%",
+                    "reached": acc >= TARGETS["ce_teacher_min"]})
+        out.append({"target": "CE distillable (some family significantly > 0 after Holm)",
+                    "measured": f"{ce['audit']['outcome']} (strongest {ce['audit']['strongest_attack']}, "
+                                f"Δ {ce['audit']['best_delta']:+.2f})", "reached": ce["audit"]["outcome"] == "distillable"})
     if ce and cmim:
-        drop = (ce["teacher"]["test_accuracy"] - cmim["teacher"]["test_accuracy"]) * 100
+        drop = 100 * (ce["teacher"]["test_accuracy"] - cmim["teacher"]["test_accuracy"])
         out.append({"target": "CMIM accuracy ≥ CE − 0.3 points", "measured": f"CE − CMIM = {drop:+.2f} points",
                     "reached": drop <= TARGETS["cmim_accuracy_drop_max_points"]})
+    if cmim:
         a = cmim["audit"]
-        if a["best_delta"] is not None:
-            upper = a["ci95"][1] * 100
-            out.append({"target": "CMIM best Δ ≤ 0 (mean over seeds)",
-                        "measured": f"{a['best_delta'] * 100:+.2f} points ({a['strongest_attack']})",
-                        "reached": a["best_delta"] <= 0})
-            out.append({"target": "CMIM best Δ 95% upper ≤ +0.3", "measured": f"{upper:+.2f} points",
-                        "reached": upper <= TARGETS["cmim_ci_upper_max_points"]})
-        if ce["audit"]["best_delta"] is not None:
-            out.append({"target": "CE best Δ ≥ +1.0 (audit detects a distillable model)",
-                        "measured": f"{ce['audit']['best_delta'] * 100:+.2f} points ({ce['audit']['strongest_attack']})",
-                        "reached": ce["audit"]["best_delta"] * 100 >= TARGETS["ce_best_delta_min_points"]})
+        out.append({"target": "CMIM undistillable (every family's one-sided 95% upper Δ ≤ +0.3)",
+                    "measured": f"{a['outcome']} (largest upper bound "
+                                f"{a['largest_upper']:+.2f})" if a["largest_upper"] is not None else a["outcome"],
+                    "reached": a["outcome"] == "undistillable"})
     mcmi = rows.get("mcmi")
-    if ce and mcmi and ce["audit"]["best_kd_delta"] is not None and mcmi["audit"]["best_kd_delta"] is not None:
-        out.append({"target": "MCMI best KD Δ ≥ CE best KD Δ",
-                    "measured": f"MCMI {mcmi['audit']['best_kd_delta'] * 100:+.2f} vs CE {ce['audit']['best_kd_delta'] * 100:+.2f} points",
-                    "reached": mcmi["audit"]["best_kd_delta"] >= ce["audit"]["best_kd_delta"]})
+    if ce and mcmi and ce["audit"]["kd_delta"] is not None and mcmi["audit"]["kd_delta"] is not None:
+        out.append({"target": "MCMI KD Δ ≥ CE KD Δ (a better teacher for partners)",
+                    "measured": f"MCMI {mcmi['audit']['kd_delta']:+.2f} vs CE {ce['audit']['kd_delta']:+.2f} points",
+                    "reached": mcmi["audit"]["kd_delta"] >= ce["audit"]["kd_delta"]})
     return out
 
 
-def delta_cells(audit_summary: dict) -> tuple[str, str]:
-    """The best Δ and its 95% interval as table cells, in points."""
-    a = audit_summary
-    best = f"{a['best_delta'] * 100:+.2f}" if a["best_delta"] is not None else "–"
-    ci = f"[{a['ci95'][0] * 100:+.2f}, {a['ci95'][1] * 100:+.2f}]" if a["ci95"] else "–"
-    return best, ci
+def _cell(f: dict | None) -> str:
+    if not f:
+        return "–"
+    mark = " ✱" if f["distillable"] else ""
+    return f"{f['mean']:+.2f} (≤ {f['upper']:+.2f}){mark}" if f["upper"] is not None else f"{f['mean']:+.2f}"
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    rows = result["teachers"]
     lines = [f"# Protection benchmark: {s['dataset']}", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
-             timing_line(result), "",
-             f"Teachers: `{s['teacher_arch']}`, {s['teacher_epochs']} epochs on "
-             f"{s['train_limit'] or 'all'} training rows; students `{s['student_arch']}`, {s['student_epochs']} epochs "
-             f"on {s['budget'] or 'all'} transfer rows, {s['seeds']} paired seeds, kd grid `{s['kd_grid']}`.", "",
-             "| teacher | test acc | CMI T=1 | CMI T=4 | CMI T=16 | NCMI | LS student | best Δ (points) | 95% CI | strongest attack | best KD Δ | verdict | best soft Δ vs hard-label |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, row in result["teachers"].items():
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", timing_line(result), "",
+             f"Teachers: `{s['teacher_arch']}`, {s['teacher_epochs']} epochs on {s['train_limit'] or 'all'} training "
+             f"rows (seed {s['teacher_seed']}). Students: `{s['student_arch']}`, the audit's converged recipe "
+             f"({s['student_epochs']} epochs, one-cycle, best validation epoch), {s['budget']} transfer rows of which "
+             f"10% are the validation slice every choice is made on, {s['seeds']} paired seeds, kd grid "
+             f"`{s['kd_grid']}`, attacks `{s['attacks']}`. Δ = knockoff − LS student in points; in brackets the "
+             "one-sided 95% upper bound; ✱ = significantly above 0 after Holm.", "",
+             "| teacher | test acc | ECE | mean top p | CMI T=1 | CMI T=4 | CMI T=16 | LS student | outcome | "
+             "strongest (Δ) | largest upper bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
         t, a = row["teacher"], row["audit"]
-        best, ci = delta_cells(a)
-        verdict = {True: "undistillable", False: "distillable", None: "–"}[a["verdict"]]
-        kd = f"{a['best_kd_delta'] * 100:+.2f}" if a["best_kd_delta"] is not None else "–"
-        ls = f"{a['ls_student_accuracy'] * 100:.2f}" if a["ls_student_accuracy"] is not None else "–"
-        b = a.get("beyond_labels")
-        soft = f"{b['best_delta'] * 100:+.2f} ({b['strongest_attack']})" if b else "–"
-        lines.append(f"| {name} | {t['test_accuracy'] * 100:.2f} | {t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | "
-                     f"{t['cmi']['16']:.5f} | {t['ncmi']:.4f} | {ls} | {best} | {ci} | {a['strongest_attack']} | {kd} | "
-                     f"{verdict} | {soft} |")
+        ls = f"{100 * a['ls_student_accuracy']:.2f}" if a["ls_student_accuracy"] is not None else "–"
+        up = f"{a['largest_upper']:+.2f}" if a["largest_upper"] is not None else "–"
+        best = f"{a['strongest_attack']} ({a['best_delta']:+.2f})" if a["best_delta"] is not None else "–"
+        lines.append(f"| {name} | {100 * t['test_accuracy']:.2f} | {t['ece']:.4f} | {t['mean_top_probability']:.3f} | "
+                     f"{t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {t['cmi']['16']:.5f} | {ls} | "
+                     f"**{a['outcome']}** | {best} | {up} |")
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
-    lines += ["", "## Attacks that beat the LS student (mean Δ > 0, points)", ""]
-    for name, row in result["teachers"].items():
-        won = sorted(((d, n) for n, d in row["audit"]["deltas"].items() if d > 0), reverse=True)
-        lines.append(f"- {name}: " + (", ".join(f"{n} {d * 100:+.2f}" for d, n in won) or "none"))
-    lines += ["", "## Δ per attack (points, mean over seeds)", ""]
-    names = sorted({n for row in result["teachers"].values() for n in row["audit"]["deltas"]})
-    lines += ["| attack | " + " | ".join(result["teachers"]) + " |", "|---" * (len(result["teachers"]) + 1) + "|"]
+    names = list(dict.fromkeys(f for row in rows.values() for f in row["audit"]["families"]))
+    lines += ["", "## Δ per attack family (points: mean over seeds, one-sided 95% upper bound; the family's choice "
+              "on validation in the row below)", "",
+              "| family | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for n in names:
-        cells = [f"{row['audit']['deltas'][n] * 100:+.2f}" if n in row["audit"]["deltas"] else "–"
-                 for row in result["teachers"].values()]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n} | " + " | ".join(_cell(row["audit"]["families"].get(n)) for row in rows.values()) + " |")
+    kd = [row["audit"]["families"].get("kd", {}).get("selected") or "–" for row in rows.values()]
+    lines.append("| kd choice | " + " | ".join(kd) + " |")
+    lines += ["", "## Statements", ""] + [f"- **{n}**: {row['audit']['statement']}" for n, row in rows.items()]
     return "\n".join(lines) + "\n"
 
 
 def add_scale_args(p: argparse.ArgumentParser, **defaults) -> None:
     """The options that set a benchmark's scale (teachers, students, audits), shared by protection and ablation."""
-    d = {"teacher_arch": "cnn-small", "teacher_epochs": 4, "train_limit": 20000, "seeds": 3, "attacks": "all",
-         **defaults}
+    d = {"teacher_arch": "cnn-small", "teacher_epochs": 12, "train_limit": 0, "seeds": "5", "attacks": "all",
+         "kd_grid": "full", **defaults}
     p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", help="where the dataset's files are (default: the Debian path)")
     p.add_argument("--teacher-arch", default=d["teacher_arch"])
     p.add_argument("--teacher-epochs", type=int, default=d["teacher_epochs"])
     p.add_argument("--teacher-seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, default=d["train_limit"], help="teacher training rows (0 = all)")
+    p.add_argument("--parallel-teachers", type=int, default=1, help="teachers trained at once (processes)")
     p.add_argument("--student-arch", default="cnn-tiny")
-    p.add_argument("--student-epochs", type=int, default=2)
+    p.add_argument("--student-epochs", type=int, default=None, help="default: the audit's (the measured plateau)")
     p.add_argument("--budget", type=int, default=10000, help="transfer rows queried per audit")
-    p.add_argument("--seeds", type=int, default=d["seeds"], help="paired student seeds per audit")
-    p.add_argument("--kd-grid", default="quick", choices=["quick", "full"])
+    p.add_argument("--seeds", default=d["seeds"], help="paired student seeds per audit, or 'auto'")
+    p.add_argument("--kd-grid", default=d["kd_grid"], choices=["quick", "full"])
     p.add_argument("--attacks", default=d["attacks"])
+    p.add_argument("--jobs", type=int, help="students trained at once per audit (default: the audit's)")
+    p.add_argument("--threads", type=int, help="torch threads per student job (default: the audit's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+
+
+def resolve_scale(args: argparse.Namespace) -> None:
+    from audit.runner import STUDENT_EPOCHS
+
+    args.train_limit = args.train_limit or None
+    args.student_epochs = args.student_epochs or STUDENT_EPOCHS
 
 
 def recorded_seconds(work: Path) -> dict:
@@ -195,22 +307,24 @@ def recorded_seconds(work: Path) -> dict:
     teachers = sum(json.loads(line).get("seconds", 0.0) for f in work.glob("runs/*/metrics.jsonl")
                    for line in f.read_text().splitlines() if line.strip())
     students = 0.0
-    for f in work.glob("reports/*/students.jsonl"):
+    for f in [*work.glob("reports/*/students.jsonl"), *work.glob("references/students.jsonl")]:
         for line in f.read_text().splitlines():
             try:
-                students += sum(h.get("seconds", 0.0) for h in json.loads(line)["history"])
-            except (json.JSONDecodeError, KeyError):
+                students += sum(h.get("seconds", 0.0) for h in json.loads(line).get("history", []))
+            except (json.JSONDecodeError, AttributeError):
                 continue
     return {"teachers": round(teachers, 1), "students": round(students, 1)}
+
+
+def machine() -> str:
+    gpu = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
 
 
 def provenance(script: str, args: argparse.Namespace, started: float, work: Path) -> dict:
     """command, machine, date and times of a benchmark result."""
     return {"command": f"python -m {script} " + shlex.join(sys.argv[1:]),  # as typed: it reruns as is
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-                       f"torch {torch.__version__}, "
-                       f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-            "date": time.strftime("%Y-%m-%d"), "wall_seconds": time.time() - started,
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "wall_seconds": time.time() - started,
             "recorded_training_seconds": recorded_seconds(work),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
@@ -221,48 +335,56 @@ def timing_line(result: dict) -> str:
             f"students {rec['students'] / 60:.1f} min (this invocation: {result['wall_seconds'] / 60:.1f} min wall)")
 
 
+def produce_rows(work: Path, names: list[str], specs: dict[str, dict], args, write) -> dict[str, dict]:
+    """Train, export and audit each row in order; `write(rows)` after each one, so a cut-short run keeps its rows."""
+    train_teachers(work, names, specs, args)
+    rows: dict[str, dict] = {}
+    for name in names:
+        spec = specs[name]
+        base = spec.get("model_of", name)
+        temperature = 1.0
+        if spec.get("recalibrate"):
+            temperature = fit_recalibration(export(work, base, work / "runs" / base, args), args.dataset, args.data_dir)
+        model = export(work, name if spec.get("recalibrate") else base, work / "runs" / base, args, temperature)
+        started = time.time()
+        report = audit(work, model, name, spec.get("policy"), args)
+        rows[name] = {"teacher": teacher_numbers(model, args.dataset, args.data_dir), "audit": summarise_audit(report),
+                      "policy": spec.get("policy") or {"kind": "probs"}, "flags": spec.get("flags", []),
+                      "audit_wall_seconds": round(time.time() - started, 1)}
+        a = rows[name]["audit"]
+        print(f"{name}: teacher {rows[name]['teacher']['test_accuracy']:.4f}, {a['outcome']} "
+              f"(strongest {a['strongest_attack']} {a['best_delta']}, largest upper {a['largest_upper']})", flush=True)
+        write(rows)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scale_args(p)
-    p.add_argument("--mcmi-epochs", type=int, default=2)
-    p.add_argument("--teachers", default="ce,ls,cmim,mcmi,nasty,ce-top1,ce-round1",
-                   help="which rows to produce; ce-top1 / ce-round1 are the CE model served with top-1 only / 1 decimal")
-    p.add_argument("--cmim-args", default="", help="extra protect-train flags for the CMIM teacher, e.g. '--lam 5'")
+    p.add_argument("--mcmi-epochs", type=int, default=5)
+    p.add_argument("--teachers", default=DEFAULT_TEACHERS, help=f"rows, in order, of: {', '.join(TEACHERS)} or a "
+                                                                "CMIM variant of bench/ablation.py")
     p.add_argument("--work", type=Path, default=Path("bench/work/protection"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
-    args.train_limit = args.train_limit or None
+    resolve_scale(args)
+    from bench.ablation import VARIANTS
+
     started = time.time()
     work = args.work / args.dataset
-    wanted = [t for t in args.teachers.split(",") if t]
-    rows: dict[str, dict] = {}
-    runs: dict[str, Path] = {}
-    models: dict[str, Path] = {}
-    mode_flags = {"ce": [], "ls": [], "cmim": args.cmim_args.split(),
-                  "mcmi": lambda: ["--init", str(runs["ce"]), "--lr", "0.01"],
-                  "nasty": lambda: ["--reference", str(runs["ce"])]}
-    for name in wanted:
-        mode = name.split("-")[0]
-        if mode not in runs:
-            if mode in ("mcmi", "nasty") and "ce" not in runs:
-                runs["ce"] = train_teacher(work, "ce", args, [])
-            flags = mode_flags[mode]() if callable(mode_flags[mode]) else mode_flags[mode]
-            runs[mode] = train_teacher(work, mode, args, flags)
-            models[mode] = export(work, runs[mode], mode)
-        policy = {"ce-top1": {"kind": "topk", "k": 1, "decimals": None},
-                  "ce-round1": {"kind": "probs", "k": None, "decimals": 1}}.get(name)
-        report = audit(work, models[mode], name, policy, args)
-        rows[name] = {"teacher": teacher_numbers(models[mode], args.dataset), "audit": summarise_audit(report),
-                      "policy": policy or {"kind": "probs"}}
-        print(f"{name}: teacher {rows[name]['teacher']['test_accuracy']:.4f}, best Δ "
-              f"{rows[name]['audit']['best_delta']}, strongest {rows[name]['audit']['strongest_attack']}", flush=True)
-    result = {**provenance("bench.protection", args, started, work), "teachers": rows}
-    result["targets"] = evaluate_targets(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
+    names = [t for t in args.teachers.split(",") if t]
+    specs = {n: dict(teacher_spec(n, VARIANTS)) for n in names}
     stem = args.out / f"protection-{args.dataset}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: dict) -> None:
+        result = {**provenance("bench.protection", args, started, work), "teachers": rows,
+                  "targets": evaluate_targets(rows, args.seeds)}
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(markdown(result))
+
+    rows = produce_rows(work, names, specs, args, write)
+    print(stem.with_suffix(".md").read_text() if rows else "no rows")
 
 
 if __name__ == "__main__":

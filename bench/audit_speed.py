@@ -1,0 +1,145 @@
+"""How fast the audit trains students (issue 9), side by side in one run on the same model, data, batch size and
+threads: (a) a bare 20-line PyTorch loop over in-memory tensors, (b) the audit's student path
+(`audit.students.run_students`: protect's `fit`, a validation pass per epoch, the test split once) with one job,
+(c) the same with two jobs (worker processes, cores ÷ 2 threads each). Rounds are interleaved and medians reported:
+the machine is shared. Results: bench/results/audit-speed.{json,md}.
+
+    python -m bench.audit_speed                       # the committed run
+    python -m bench.audit_speed --epochs 2 --students 2 --rounds 1 --rows 2000 --out /tmp/s   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bench.protection import provenance
+
+
+def student_data(dataset: str, rows: int, student: str):
+    from audit.recover import recover_logp
+    from audit.runner import validation_split
+    from audit.students import StudentData
+    from protect.data import load_dataset
+
+    import numpy as np
+
+    splits = load_dataset(dataset).subset_train(rows)
+    x, y = splits.normalise(splits.train_x), splits.train_y
+    tr, val = validation_split(len(y), 0.1)
+    logp = recover_logp(np.eye(splits.num_classes, dtype=np.float32)[y.numpy()]).logp
+    return StudentData(train_x=x[tr], train_y=y[tr], teacher_logp=logp[tr], labels_logp=logp[tr], val_x=x[val],
+                       val_y=y[val], val_teacher_logp=logp[val], val_labels_logp=logp[val],
+                       test_x=splits.normalise(splits.test_x), test_y=splits.test_y, num_classes=splits.num_classes,
+                       student=student)
+
+
+def bare_loop(data, epochs: int, lr: float, batch: int, seed: int) -> None:
+    """The yardstick: plain SGD on CE over in-memory tensors, nothing else."""
+    from protect.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(data.student, data.num_classes, data.train_x.shape[1], data.train_x.shape[2])
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    x, y = data.train_x, data.train_y
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), batch):
+            idx = perm[i:i + batch]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def student_tasks(epochs: int, lr: float, batch: int, count: int, tag: str):
+    from audit.attacks import reference_variants
+    from audit.students import StudentTask
+    from protect.trainer import TrainConfig
+
+    ls = next(v for v in reference_variants() if v.name == "ls-e0.1")
+    train = asdict(TrainConfig(epochs=epochs, lr=lr, batch_size=batch, schedule="onecycle", device="cpu"))
+    return [StudentTask(key=f"{tag}-{s}", family="ls", variant=ls, seed=s, train=train, patience=None)
+            for s in range(count)]
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    from audit.students import default_threads, run_students
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--rows", type=int, default=10000, help="transfer rows (10%% of them for validation)")
+    p.add_argument("--student", default="cnn-tiny")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per student")
+    p.add_argument("--students", type=int, default=4, help="students per measurement")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats (medians are reported)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args()
+    started = time.time()
+    cores = len(os.sched_getaffinity(0))
+    data = student_data(args.dataset, args.rows, args.student)
+    times: dict[str, list[float]] = {"bare": [], "jobs1": [], "jobs2": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            torch.set_num_threads(cores)
+            times["bare"].append(timed(lambda: [bare_loop(data, args.epochs, args.lr, args.batch_size, s)
+                                                for s in range(args.students)]))
+            for jobs, name in ((1, "jobs1"), (2, "jobs2")):
+                tasks = student_tasks(args.epochs, args.lr, args.batch_size, args.students, f"{name}-{r}")
+                times[name].append(timed(lambda: run_students(tasks, data, lambda rec: [], jobs=jobs,
+                                                              threads=default_threads(jobs), workdir=Path(tmp),
+                                                              progress=False)))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+    per_hour = {k: 3600 * args.students / statistics.median(v) for k, v in times.items()}
+    result = {**provenance("bench.audit_speed", args, started, Path(tmp)),
+              "students_per_hour": {k: round(v, 1) for k, v in per_hour.items()},
+              "seconds_per_round": times,
+              "vs_bare_loop": round(per_hour["jobs1"] / per_hour["bare"], 3),
+              "parallel_speedup": round(per_hour["jobs2"] / per_hour["jobs1"], 3),
+              "targets": {"vs_bare_loop": 0.85, "parallel_speedup": 1.6},
+              "setup": {"rows": args.rows, "train_rows": len(data.train_y), "val_rows": len(data.val_y),
+                        "student": args.student, "epochs": args.epochs, "students": args.students,
+                        "batch_size": args.batch_size, "threads": {"bare": cores, "jobs1": default_threads(1),
+                                                                   "jobs2": default_threads(2)}}}
+    result.pop("recorded_training_seconds", None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "audit-speed.json").write_text(json.dumps(result, indent=2))
+    (args.out / "audit-speed.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    s, ph = r["setup"], r["students_per_hour"]
+    med = {k: statistics.median(v) for k, v in r["seconds_per_round"].items()}
+    return "\n".join([
+        "# Audit student speed", "",
+        f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}", "",
+        f"{s['students']} students of `{s['student']}` per measurement, {s['epochs']} epochs each on {s['train_rows']} "
+        f"rows (+{s['val_rows']} validation rows), batch {s['batch_size']}; medians of "
+        f"{len(r['seconds_per_round']['bare'])} interleaved rounds.", "",
+        "| path | threads | median seconds | students per hour |", "|---|---|---|---|",
+        f"| (a) bare PyTorch loop | {s['threads']['bare']} | {med['bare']:.1f} | {ph['bare']:.0f} |",
+        f"| (b) audit students, --jobs 1 | {s['threads']['jobs1']} | {med['jobs1']:.1f} | {ph['jobs1']:.0f} |",
+        f"| (c) audit students, --jobs 2 | {s['threads']['jobs2']} per job | {med['jobs2']:.1f} | {ph['jobs2']:.0f} |",
+        "", "| ratio | measured | target |", "|---|---|---|",
+        f"| vs_bare_loop (b ÷ a) | {r['vs_bare_loop']:.2f} | ≥ {r['targets']['vs_bare_loop']} |",
+        f"| parallel_speedup (c ÷ b) | {r['parallel_speedup']:.2f} | ≥ {r['targets']['parallel_speedup']} |", ""])
+
+
+if __name__ == "__main__":
+    main()
