@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=STUDENT_EPOCHS,
                    help=f"epochs per student, one-cycle schedule (default {STUDENT_EPOCHS}: the measured plateau, "
                         "docs/audit.md)")
-    r.add_argument("--patience", type=int, default=5,
-                   help="stop a student after this many epochs past the learning-rate peak without a better "
-                        "validation accuracy; 0 = never (default 5). The best validation epoch is always kept")
+    r.add_argument("--patience", type=int, default=0,
+                   help="stop a student after this many epochs without a better validation accuracy, counted once "
+                        "the learning rate has fallen below half its peak; 0 = never (default). The best validation "
+                        "epoch is always kept")
     r.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the transfer rows held out (labelled) to make every choice on (default 0.1)")
     r.add_argument("--selection-seeds", type=int, default=1,

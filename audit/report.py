@@ -152,6 +152,14 @@ def _selection_lines(report: dict) -> list[str]:
     return lines
 
 
+def _looks_text(v: dict) -> str:
+    looks = v["looks"]
+    if len(looks) == 1:
+        return f"One look, at {looks[0]} paired seeds."
+    return (f"--seeds auto: looks at {', '.join(map(str, looks))} seeds, α = {v['alpha']:g} split evenly "
+            f"({v['alpha_per_look']:g} per look); stopped at {v['seeds']}.")
+
+
 def render_markdown(report: dict) -> str:
     v, q, r, t = report["verdict"], report["queries"], report["recovery"], report["training"]
     lines = [f"# Distillation audit: {report['oracle']['source']}", "",
@@ -159,7 +167,7 @@ def render_markdown(report: dict) -> str:
              f"Rule (DESIGN §3): distillable iff some family's one-sided paired t-test of Δ ≤ 0 rejects at "
              f"α = {v['alpha_per_look']:g} after Holm over the {len(v.get('families') or {})} families; undistillable "
              f"iff every family's one-sided {100 * (1 - v['alpha_per_look']):g}% upper bound is ≤ +{v['margin']:g} "
-             f"points; inconclusive otherwise. Looks at {v['looks']} seeds (α = {v['alpha']:g} split over them).", ""]
+             f"points; inconclusive otherwise. " + _looks_text(v), ""]
     beyond = _beyond_labels_line(report)
     if beyond:
         lines += [beyond, ""]
@@ -169,7 +177,8 @@ def render_markdown(report: dict) -> str:
         f"- dataset `{report['dataset']}`, student `{report['student']}`: {t['train_rows']} training rows, "
         f"{t['val_rows']} validation rows (every choice made there), seeds {t['seeds']}",
         f"- training: {t['schedule']} schedule, up to {t['epochs']} epochs, lr {t['lr']:g}, batch {t['batch_size']}, "
-        f"best validation epoch kept, patience {t['patience']}; {t['converged']['note']}",
+        f"best validation epoch kept" + (f", patience {t['patience']}" if t["patience"] else "")
+        + f"; {t['converged']['note']}",
         f"- queries: {q['transfer_rows']} transfer rows; asked this run {q['asked_this_run']}, cached before "
         f"{q['cached_before_this_run']}; rows sent over all sessions {q['rows_sent_total']} in "
         f"{q['requests_total']} requests",

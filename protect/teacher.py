@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from protect.cmi import CMIM_DEFAULT_LAMBDA, cmi_spectrum
-from protect.data import load_dataset, make_loader, train_and_test_sets
+from protect.data import TensorLoader, load_dataset, make_loader, train_and_test_sets
 from protect.metrics import DEFAULT_EVAL_TEMPERATURES
 from protect.models import create_model
 from protect.objectives import OBJECTIVES
 from protect.runs import CONFIG, build_model, load_run_model, read_config, versions, write_config
-from protect.trainer import TrainConfig, distributed_context, fit
+from protect.trainer import TrainConfig, distributed_context, fit, resolve_device
 
 
 def _usage(message: str) -> Exception:
@@ -105,9 +105,16 @@ def run_training(args: argparse.Namespace) -> dict | None:
         write_config(out, config)
     train_cfg = TrainConfig(**config["train"])
     train_set, test_set = train_and_test_sets(splits)
-    train_loader = make_loader(train_set, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                               workers=config.get("workers", 0), distributed=world > 1)
-    test_loader = make_loader(test_set, 1024, shuffle=False)
+    if world == 1 and not config.get("workers"):
+        # One process, data in memory: batches are cut from tensors already on the training device.
+        device = resolve_device(train_cfg.device)
+        train_loader = TensorLoader(train_set.tensors, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                                    augment=train_set.augment, device=device)
+        test_loader = TensorLoader(test_set.tensors, 1024, shuffle=False, device=device)
+    else:
+        train_loader = make_loader(train_set, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                                   workers=config.get("workers", 0), distributed=world > 1)
+        test_loader = make_loader(test_set, 1024, shuffle=False)
 
     def epoch_metrics(_model, logits, labels) -> dict:
         cmi = cmi_spectrum(logits, labels, DEFAULT_EVAL_TEMPERATURES, splits.num_classes)
