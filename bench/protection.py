@@ -132,7 +132,7 @@ def export(work: Path, name: str, run: Path, args, temperature: float = 1.0) -> 
     return model
 
 
-def teacher_numbers(model: Path, dataset: str, data_dir: str | None) -> dict:
+def teacher_numbers(model: Path, dataset: str, data_dir: str | None, run: Path | None = None) -> dict:
     """Test accuracy, CMI at T = 1/4/16, NCMI and ECE (on the whole test split and on its second half)."""
     from protect.card import load_card
     from protect.data import load_dataset
@@ -147,7 +147,18 @@ def teacher_numbers(model: Path, dataset: str, data_dir: str | None) -> dict:
     return {"test_accuracy": rep["accuracy"], "cmi": rep["cmi"], "ncmi": rep["ncmi"], "ece": rep["ece"],
             "ece_second_half": expected_calibration_error(logits[half:], splits.test_y[half:]),
             "mean_top_probability": float(torch.softmax(logits.double(), 1).max(1).values.mean()),
-            "mode": card.mode, "options": card.options, "output_temperature": card.output_temperature}
+            "mode": card.mode, "options": card.options, "output_temperature": card.output_temperature,
+            "trained_on": trained_on(run) if run else "unknown"}
+
+
+def trained_on(run: Path) -> str:
+    """Where a teacher was trained (device, torch, platform), from its run's config."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
+    v = config.get("versions", {})
+    return f"{config['train'].get('device')}, torch {v.get('torch')}, {v.get('platform')}"
 
 
 def audit(work: Path, model: Path, name: str, policy: dict | None, args) -> dict:
@@ -348,7 +359,8 @@ def produce_rows(work: Path, names: list[str], specs: dict[str, dict], args, wri
         model = export(work, name if spec.get("recalibrate") else base, work / "runs" / base, args, temperature)
         started = time.time()
         report = audit(work, model, name, spec.get("policy"), args)
-        rows[name] = {"teacher": teacher_numbers(model, args.dataset, args.data_dir), "audit": summarise_audit(report),
+        rows[name] = {"teacher": teacher_numbers(model, args.dataset, args.data_dir, work / "runs" / base),
+                      "audit": summarise_audit(report),
                       "policy": spec.get("policy") or {"kind": "probs"}, "flags": spec.get("flags", []),
                       "audit_wall_seconds": round(time.time() - started, 1)}
         a = rows[name]["audit"]
