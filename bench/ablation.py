@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.protection import add_scale_args, produce_rows, provenance, resolve_scale, teacher_spec, timing_line
+from bench.protection import (add_scale_args, audit_cells, produce_rows, provenance, resolve_scale, teacher_spec,
+                             timing_line)
 
 # name -> protect-train flags ("ce" is the undefended reference row).
 VARIANTS: dict[str, list[str]] = {
@@ -52,9 +53,7 @@ def markdown(result: dict) -> str:
     for name, row in sorted(rows.items(), key=lambda kv: -kv[1]["teacher"]["test_accuracy"]):
         t, a = row["teacher"], row["audit"]
         dacc = f"{100 * (t['test_accuracy'] - ce['teacher']['test_accuracy']):+.2f}" if ce else "–"
-        up = f"{a['largest_upper']:+.2f}" if a["largest_upper"] is not None else "–"
-        best = f"{a['strongest_attack']} ({a['best_delta']:+.2f})" if a["best_delta"] is not None else "–"
-        ls = f"{100 * a['ls_student_accuracy']:.2f}" if a["ls_student_accuracy"] is not None else "–"
+        ls, up, best = audit_cells(a)
         lines.append(f"| {name} | `{' '.join(row['flags']) or '--mode ce'}` | {100 * t['test_accuracy']:.2f} | {dacc} | "
                      f"{t['ece']:.4f} | {t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {ls} | {up} | {best} | "
                      f"{a['outcome']} |")

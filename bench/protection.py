@@ -240,6 +240,14 @@ def evaluate_targets(rows: dict, seeds_asked) -> list[dict]:
     return out
 
 
+def audit_cells(a: dict) -> tuple[str, str, str]:
+    """(LS student accuracy %, largest upper bound, strongest family with its Δ) of an audit summary, as cells."""
+    ls = f"{100 * a['ls_student_accuracy']:.2f}" if a["ls_student_accuracy"] is not None else "–"
+    up = f"{a['largest_upper']:+.2f}" if a["largest_upper"] is not None else "–"
+    best = f"{a['strongest_attack']} ({a['best_delta']:+.2f})" if a["best_delta"] is not None else "–"
+    return ls, up, best
+
+
 def _cell(f: dict | None) -> str:
     if not f:
         return "–"
@@ -262,9 +270,7 @@ def markdown(result: dict) -> str:
              "strongest (Δ) | largest upper bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         t, a = row["teacher"], row["audit"]
-        ls = f"{100 * a['ls_student_accuracy']:.2f}" if a["ls_student_accuracy"] is not None else "–"
-        up = f"{a['largest_upper']:+.2f}" if a["largest_upper"] is not None else "–"
-        best = f"{a['strongest_attack']} ({a['best_delta']:+.2f})" if a["best_delta"] is not None else "–"
+        ls, up, best = audit_cells(a)
         lines.append(f"| {name} | {100 * t['test_accuracy']:.2f} | {t['ece']:.4f} | {t['mean_top_probability']:.3f} | "
                      f"{t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {t['cmi']['16']:.5f} | {ls} | "
                      f"**{a['outcome']}** | {best} | {up} |")
