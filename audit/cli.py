@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train every soft-output attack's choice on the true labels alone (one-hot 'teacher'), to "
                         "tell a gain that comes from the teacher's answers from one that comes from the recipe")
     r.add_argument("--ls-epsilons", default="0.05,0.1,0.2", help="label-smoothing ε candidates of the reference student")
+    r.add_argument("--no-ce-reference", dest="ce_reference", action="store_false",
+                   help="skip the plain CE student (reported beside the LS reference, not part of the verdict)")
     r.add_argument("--seeds", default="5", help="paired seeds (0..N-1) per recipe, or 'auto': rounds of 3, 5, 8, 12 "
                                                "seeds until the outcome is decided (default 5)")
     r.add_argument("--max-seeds", type=int, default=12, help="cap for --seeds auto (default 12)")
@@ -152,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_seeds=args.max_seeds, epochs=args.epochs, patience=args.patience or None, val_fraction=args.val_fraction,
         selection_seeds=args.selection_seeds, budget=args.budget, kd_grid=args.kd_grid,
         label_controls=args.label_controls, ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"),
+        ce_reference=args.ce_reference,
         data_dir=args.data_dir, lr=args.lr, batch_size=args.batch_size, query_batch=args.query_batch,
         floor=args.floor, device=args.device, jobs=args.jobs, threads=args.threads, alpha=args.alpha,
         margin=args.margin, references=args.references, progress=not args.quiet,

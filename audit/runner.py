@@ -58,6 +58,7 @@ class AuditSettings:
     kd_grid: str = "full"
     label_controls: bool = False  # also train each soft attack's choice on one-hot true labels (docs/audit.md)
     ls_epsilons: tuple[float, ...] = LS_EPSILONS
+    ce_reference: bool = True  # also train a plain CE student on the labels (reported, not part of the verdict)
     data_dir: str | None = None
     lr: float | None = None
     batch_size: int | None = None
@@ -145,7 +146,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     # Everything that can be refused is checked before the first query.
     _check(settings)
     variants = expand_attacks(settings.attacks, settings.kd_grid)
-    references = reference_variants(settings.ls_epsilons)
+    references = reference_variants(settings.ls_epsilons, ce=settings.ce_reference)
     splits = load_dataset(settings.dataset, settings.data_dir)
     defaults = DATASET_DEFAULTS.get(splits.name, DATASET_DEFAULTS["imagefolder"])
     settings.batch_size = settings.batch_size or defaults["batch_size"]

@@ -196,7 +196,7 @@ def summarise_audit(report: dict) -> dict:
             "seeds": v["seeds"], "seeds_to_decide": v["seeds_to_decide"], "alpha": v["alpha_per_look"],
             "margin": v["margin"], "ls_student_accuracy": (ls.get("summary") or {}).get("mean"),
             "ls_epsilon": ls.get("best_epsilon"),
-            "ce_student_accuracy": (report["references"]["ce"].get("summary") or {}).get("mean"),
+            "ce_student_accuracy": (report["references"].get("ce", {}).get("summary") or {}).get("mean"),
             "families": families, "kd_delta": kd["mean"] if kd else None,
             "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"],
             "transfer_agreement": report["teacher"]["transfer_agreement"], "served_cmi": report["teacher"].get("cmi"),

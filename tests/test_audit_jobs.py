@@ -122,10 +122,11 @@ def test_an_audit_killed_mid_way_resumes_without_retraining(digits_ce_model, tmp
 def test_seeds_auto_adds_seeds_in_rounds_and_splits_alpha(digits_ce_model, tmp_path):
     out = tmp_path / "r"
     assert audit("--model", str(digits_ce_model), *BASE, "--attacks", "hard-label,kd-T4-a0.9", "--ls-epsilons", "0.1",
-                 "--seeds", "auto", "--max-seeds", "5", "--jobs", "1", "--out", str(out)) == 0
+                 "--no-ce-reference", "--seeds", "auto", "--max-seeds", "5", "--jobs", "1", "--out", str(out)) == 0
     report = json.loads((out / "report.json").read_text())
     v = report["verdict"]
     assert v["looks"] == [3, 5] and v["alpha_per_look"] == 0.025
     assert v["seeds"] in (3, 5) and (v["seeds"] == 5 or v["outcome"] != "inconclusive")
     assert all(len(a) == v["seeds"] for a in families(report).values())
-    assert len(trained_keys(out)) == 4 * v["seeds"]  # LS, CE, hard-label, kd at each seed
+    assert "ce" not in report["references"]
+    assert len(trained_keys(out)) == 3 * v["seeds"]  # LS, hard-label, kd at each seed

@@ -106,10 +106,11 @@ def _build_reference(name: str, ctx: AttackContext, **options) -> Objective:
     return OBJECTIVES.get(name)(ctx.num_classes, **options)
 
 
-def reference_variants(ls_epsilons=LS_EPSILONS) -> list[Variant]:
-    """The label-only references: LS over its ε grid (the best ε is reported) and a plain CE student."""
+def reference_variants(ls_epsilons=LS_EPSILONS, ce: bool = True) -> list[Variant]:
+    """The label-only references: LS over its ε grid (one is chosen on validation) and, unless `ce` is False, a
+    plain CE student (reported only; the verdict compares with LS)."""
     return [Variant(f"ls-e{e:g}", "ls", {"epsilon": float(e)}, needs_soft=False) for e in ls_epsilons] + \
-        [Variant("ce", "ce", {}, needs_soft=False)]
+        ([Variant("ce", "ce", {}, needs_soft=False)] if ce else [])
 
 
 _KD_VARIANT = re.compile(r"^kd-T([0-9.]+)-a([0-9.]+)$")
