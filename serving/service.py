@@ -17,8 +17,7 @@ from serving import bulk
 from protect.card import ModelDirError, verify_model_dir
 from serving.config import ConfigError, Settings
 from serving.errors import InputError
-from serving.guard import GuardMiddleware
-from serving.ledger import Ledger
+from serving.guard import GuardMiddleware, auth_at_start
 from serving.policy import rows_json, topk_json
 from serving.runtime import SMALL_BATCH, Runtime, decode_image, decode_json
 from serving.schemas import ImageResponse, Pixels, PredictResponse
@@ -50,14 +49,17 @@ class Undistillable:
         logger.info("model %s (%s, %s, sha256 %s…) on %s; policy %s; ORT threads %d",
                     SETTINGS.model_dir, card.mode, card.arch, card.onnx_sha256[:12], ",".join(self.runtime.providers),
                     SETTINGS.policy.as_dict(), SETTINGS.ort_threads)
-        ledger = Ledger(SETTINGS.keys_db)
-        active = sum(1 for k in ledger.list_keys() if k["revoked"] is None)
-        ledger.close()
-        if SETTINGS.require_keys == "off" or (SETTINGS.require_keys == "auto" and active == 0):
-            logger.warning("running OPEN: no API keys are required (keys db %s, %d active keys, "
-                           "UNDISTILLABLE_REQUIRE_KEYS=%s)", SETTINGS.keys_db, active, SETTINGS.require_keys)
-        else:
-            logger.info("API keys required: %d active keys in %s", active, SETTINGS.keys_db)
+        logger.log(*auth_at_start(SETTINGS))
+
+    @bentoml.on_deployment
+    def check_keys_database() -> None:
+        """Once per `bentoml serve`, before any worker starts (not on `bentoml build`, where no keys database
+        need exist): keys required and no keys database at the configured path stops the server."""
+        try:
+            auth_at_start(SETTINGS)
+        except ConfigError as exc:
+            logger.error("refusing to start: %s", exc)
+            raise SystemExit(f"undistillable serving: refusing to start: {exc}") from None
 
     @bentoml.api(route="/predict")
     async def predict(self, inputs: Pixels) -> PredictResponse:
