@@ -91,6 +91,7 @@ class Settings:
     hide_options: bool = False
     ledger: bool = True
     access_log: bool = True
+    tracing: bool = False  # OpenTelemetry spans on prediction routes (health, docs and metadata always have them)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -118,4 +119,5 @@ class Settings:
             hide_options=_bool("HIDE_OPTIONS", False),
             ledger=_bool("LEDGER", True),
             access_log=_bool("ACCESS_LOG", True),
+            tracing=_bool("TRACING", False),
         )

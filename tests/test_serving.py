@@ -66,6 +66,18 @@ def test_metadata_matches_card_and_contract(server, model_dir):
     assert "running OPEN" in server.log_text()
 
 
+def test_workers_do_not_load_torch(server):
+    """torch in a worker costs it about 600 MB and makes each full garbage collection, which stalls every request
+    the worker holds, four times longer."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert workers
+    for p in workers:
+        assert "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text(), "a serving worker imported torch"
+
+
 def test_probabilities_equal_onnx_eval_on_every_endpoint(server, model_dir, digits_x):
     x = digits_x[:300]
     ref = reference_probs(model_dir, x)
