@@ -1,15 +1,15 @@
 """Serving throughput and latency on a real `bentoml serve` over loopback, each against a baseline measured in the
 same run, in interleaved rounds, so that load from other jobs on the same cores hits both alike.
 
-Bulk: rows/s of POST /predict_npy at batch 256 (float32 raw pixels, the audit's traffic) against `session.run`
-on the same model with the same thread count in this process.
+Bulk: rows/s of POST /predict_npy at batch 256 (float32 raw pixels, the audit's traffic), one client stream per
+worker, against `session.run` on the same model with as many threads in this process.
 Single image: POST /predict with one image from 8 concurrent clients, against the bare baseline
 (bench/bare_serving.py: the same Runtime behind plain Starlette under uvicorn, same workers and threads, no
 keys, ledger, metrics or pydantic). `single_c8_vs_bare` is the median over rounds of (service req/s ÷ bare req/s);
 `single_c8_p99_over_p50` the median over rounds of the service's p99 ÷ p50. Sequential (c=1) latency is reported too.
 The service runs as deployed by default: keys required, one key with no budget, the ledger on.
 
-Usage: python -m bench.serving --model-dir DIR [--rounds 7] [--requests 400] [--workers N] [--out FILE]
+Usage: python -m bench.serving --model-dir DIR [--rounds 7] [--requests 2000] [--workers N] [--out FILE]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from serving.launcher import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 P99_OVER_P50_TARGET, VS_BARE_TARGET, BULK_TARGET = 3.0, 0.8, 0.75
+NPY = {"Content-Type": "application/octet-stream"}
 
 
 class BareServer(Server):
@@ -61,17 +62,36 @@ def raw_rows_per_s(session, card, x: np.ndarray, batch: int, batches: int) -> fl
     return batch * batches / (time.perf_counter() - start)
 
 
-def http_rows_per_s(client: httpx.Client, bodies: list[bytes], batch: int) -> float:
+def http_rows_per_s(url: str, headers: dict, bodies: list[bytes], batch: int, streams: int) -> float:
+    """Rows/s of POST /predict_npy from `streams` sequential clients at once, one per worker: each worker runs a
+    request on its own ORT threads, so that is the service's whole share of the cores, as in-process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stream(part: list[bytes]) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
+            for body in part:
+                client.post("/predict_npy", content=body, headers=NPY).raise_for_status()
+
     start = time.perf_counter()
-    for body in bodies:
-        r = client.post("/predict_npy", content=body, headers={"Content-Type": "application/octet-stream"})
-        r.raise_for_status()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(stream, [bodies[i::streams] for i in range(streams)]))
     return batch * len(bodies) / (time.perf_counter() - start)
 
 
-async def single_image(url: str, body: bytes, headers: dict, concurrency: int, total: int) -> tuple[list[float], float]:
-    """Latencies (s) of `total` POST /predict from `concurrency` keep-alive clients, and requests per second.
-    aiohttp rather than httpx: the client shares the cores with the server, so it should cost as little as can be."""
+def connections_per_worker(server: Server) -> list[int]:
+    """Established connections each worker process of `server` holds, most first."""
+    import psutil
+
+    counts = [sum(c.status == psutil.CONN_ESTABLISHED for c in p.net_connections("tcp"))
+              for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    return sorted((n for n in counts if n), reverse=True)
+
+
+async def single_image(url: str, body: bytes, headers: dict, concurrency: int, total: int,
+                       probe=None) -> tuple[list[float], float]:
+    """Latencies (s) of `total` POST /predict from `concurrency` keep-alive clients, and requests per second;
+    `probe()` is called once the connections are open. aiohttp rather than httpx: the client shares the cores with
+    the server, so it should cost as little as can be."""
     import aiohttp
 
     out: list[float] = []
@@ -86,6 +106,8 @@ async def single_image(url: str, body: bytes, headers: dict, concurrency: int, t
             return time.perf_counter() - t0
 
         await asyncio.gather(*(one() for _ in range(2 * concurrency)))  # open the connections
+        if probe is not None:
+            probe()
         per_client = total // concurrency
 
         async def client():
@@ -143,21 +165,22 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     raw, bulk = [], []
     lat = {name: {1: [], 8: []} for name in ("service", "bare")}
     rps = {name: {1: [], 8: []} for name in ("service", "bare")}
+    split: dict[str, list[list[int]]] = {"service": [], "bare": []}
     try:
-        with httpx.Client(base_url=service.url, timeout=120, headers=auth) as client:
-            http_rows_per_s(client, bodies[:3], args.batch)  # warm-up: first calls load lazily what they need
-            raw_rows_per_s(session, card, x, args.batch, 3)
-            for url, headers in ((service.url, auth), (bare.url, {})):
-                asyncio.run(single_image(url, single, headers, 8, args.requests // 2))
-            for r in range(args.rounds):
-                raw.append(raw_rows_per_s(session, card, x, args.batch, args.batches_per_round))
-                bulk.append(http_rows_per_s(client, bodies, args.batch))
-                pair = [("service", service.url, auth), ("bare", bare.url, {})]
-                for name, url, headers in (pair if r % 2 == 0 else pair[::-1]):  # neither always goes first
-                    for c, total in ((8, args.requests), (1, args.requests // 4)):
-                        v, per_s = asyncio.run(single_image(url, single, headers, c, total))
-                        lat[name][c].append(v)
-                        rps[name][c].append(per_s)
+        http_rows_per_s(service.url, auth, bodies[:2 * args.workers], args.batch, args.workers)  # warm-up
+        raw_rows_per_s(session, card, x, args.batch, 3)
+        for url, headers in ((service.url, auth), (bare.url, {})):
+            asyncio.run(single_image(url, single, headers, 8, args.requests // 2))
+        for r in range(args.rounds):
+            raw.append(raw_rows_per_s(session, card, x, args.batch, args.batches_per_round))
+            bulk.append(http_rows_per_s(service.url, auth, bodies, args.batch, args.workers))
+            pair = [("service", service, auth), ("bare", bare, {})]
+            for name, server, headers in (pair if r % 2 == 0 else pair[::-1]):  # neither always goes first
+                for c, total in ((8, args.requests), (1, args.requests // 4)):
+                    probe = (lambda: split[name].append(connections_per_worker(server))) if c == 8 else None
+                    v, per_s = asyncio.run(single_image(server.url, single, headers, c, total, probe))
+                    lat[name][c].append(v)
+                    rps[name][c].append(per_s)
         no_5xx = "(status=5" not in service.log_text()
     finally:
         service.stop()
@@ -169,10 +192,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
         "card": card, "providers": session.get_providers(), "load_average_before": load_before, "no_5xx": no_5xx,
         "single_c8_vs_bare": statistics.median(vs_bare), "single_c8_p99_over_p50": s8["p99_over_p50_median"],
         "single_image": {
-            "c8": {"service": s8, "bare": b8, "vs_bare_per_round": vs_bare},
+            "c8": {"service": s8, "bare": b8, "vs_bare_per_round": vs_bare,
+                   "connections_per_worker": split},
             "c1": {"service": summary(lat["service"][1], rps["service"][1]),
                    "bare": summary(lat["bare"][1], rps["bare"][1])}},
-        "bulk": {"batch": args.batch, "batches_per_round": args.batches_per_round,
+        "bulk": {"batch": args.batch, "batches_per_round": args.batches_per_round, "client_streams": args.workers,
                  "raw_ort_rows_per_s": raw, "http_rows_per_s": bulk, "raw_ort_median": raw_med,
                  "http_median": bulk_med, "ratio_of_medians": bulk_med / raw_med,
                  "ratio_per_round": [h / r for h, r in zip(bulk, raw)]},
@@ -180,6 +204,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
+    def splits(name: str) -> str:
+        return ", ".join("+".join(map(str, r)) for r in result["single_image"]["c8"]["connections_per_worker"][name])
+
     s8, b8 = result["single_image"]["c8"]["service"], result["single_image"]["c8"]["bare"]
     s1, b1 = result["single_image"]["c1"]["service"], result["single_image"]["c1"]["bare"]
     bulk, srv, m = result["bulk"], result["server"], result["model"]
@@ -194,7 +221,8 @@ def markdown(result: dict) -> str:
         f"after {result['machine']['load_average_at_end'][0]:.2f} (other jobs on the same cores). "
         f"{result['rounds']} interleaved rounds; ratios are medians of per-round ratios.\n\n"
         f"| measure | service | baseline | ratio | target | met |\n|---|---|---|---|---|---|\n"
-        f"| bulk /predict_npy, batch {bulk['batch']}, rows/s (baseline: ONNX Runtime in-process) | "
+        f"| bulk /predict_npy, batch {bulk['batch']}, one stream per worker, rows/s (baseline: ONNX Runtime "
+        f"in-process) | "
         f"{bulk['http_median']:,.0f} | {bulk['raw_ort_median']:,.0f} | {bulk['ratio_of_medians']:.2f} | "
         f"≥ {BULK_TARGET} | {yes[t['bulk_ratio']]} |\n"
         f"| single image c=8, req/s (baseline: bare Starlette) | {s8['req_per_s_median']:,.0f} | "
@@ -205,7 +233,9 @@ def markdown(result: dict) -> str:
         f"| single image c=8, p99 ÷ p50 | {result['single_c8_p99_over_p50']:.2f} | {b8['p99_over_p50_median']:.2f} | | "
         f"≤ {P99_OVER_P50_TARGET:g} | {yes[t['single_c8_p99_over_p50']]} |\n"
         f"| single image c=1, p50 / p99 ms | {s1['p50_ms']:.1f} / {s1['p99_ms']:.1f} | {b1['p50_ms']:.1f} / "
-        f"{b1['p99_ms']:.1f} | | | |\n")
+        f"{b1['p99_ms']:.1f} | | | |\n\n"
+        f"Connections of the 8 clients per worker, round by round (the kernel hands each new connection to whichever "
+        f"worker accepts first): service {splits('service')}; bare {splits('bare')}.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batches-per-round", type=int, default=20)
-    p.add_argument("--requests", type=int, default=400,
+    p.add_argument("--requests", type=int, default=2000,
                    help="single-image requests per round and server at c=8 (a quarter of it at c=1)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads in all (default: all cores)")
     p.add_argument("--workers", type=int, default=None,
