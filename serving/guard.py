@@ -247,7 +247,7 @@ class GuardMiddleware:
     def __init__(self, app, settings: Settings | None = None):
         self.app = app
         self.settings = settings or Settings.from_env()
-        self.ledger = Ledger(self.settings.keys_db)
+        self.ledger = Ledger(self.settings.keys_db, serving=True)
 
     def keys_required(self) -> bool:
         return self.settings.require_keys
