@@ -142,6 +142,16 @@ def npy_bodies(draw) -> tuple[bytes, int | None]:
     return b"\x93NUMPY" + bytes([version, 0]) + size_field + header + data, shape[0] if well_formed else None
 
 
+def npy_property(max_examples: int):
+    """The hypothesis setup of both .npy properties: generated bodies, plus the two of issue 10 as examples."""
+    def wrap(check):
+        for case in ((HUGE, 10 ** 25), (TRUE_AS_DIM, None)):
+            check = example(case)(check)
+        return hsettings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck),
+                         database=None)(given(npy_bodies())(check))
+    return wrap
+
+
 def test_no_npy_header_or_body_raises_anything_but_an_input_error():
     """In-process and fast: the header parser and the decoder refuse every malformed .npy with an InputError."""
     from protect.card import ModelCard
@@ -152,10 +162,7 @@ def test_no_npy_header_or_body_raises_anything_but_an_input_error():
                                      "normalization": {"mean": [0.5], "std": [0.5]}, "onnx_sha256": "0" * 64,
                                      "mode": "ce", "dataset": "digits", "arch": "cnn-tiny"})
 
-    @hsettings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(npy_bodies())
-    @example((TRUE_AS_DIM, None))
-    @example((HUGE, 10 ** 25))
+    @npy_property(max_examples=400)
     def check(case):
         body, rows = case
         if rows is not None:
@@ -188,10 +195,7 @@ def test_hostile_npy_bodies_get_a_4xx_or_an_answer_never_a_5xx(guarded):
     declares more rows than the limit gets 413 batch_too_large, never a budget refusal."""
     srv, db, keys = guarded
     with srv.client(keys["fuzz"]) as c:
-        @hsettings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(npy_bodies())
-        @example((TRUE_AS_DIM, None))
-        @example((HUGE, 10 ** 25))
+        @npy_property(max_examples=80)
         def check(case):
             body, rows = case
             r = c.post("/predict_npy", content=body, headers=NPY_ROUTE)
