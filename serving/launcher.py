@@ -62,12 +62,25 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            import psutil  # a BentoML dependency
+
+            try:  # BentoML's workers run in process groups of their own: a SIGKILL of ours would miss them
+                workers = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                workers = []
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+            for worker in workers:
+                try:
+                    worker.wait(10)
+                except psutil.TimeoutExpired:
+                    worker.kill()
+                except psutil.Error:
+                    pass
         self.proc = None
         if getattr(self, "_fh", None):
             self._fh.close()
