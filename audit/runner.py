@@ -139,7 +139,7 @@ def _check(settings: AuditSettings) -> None:
 def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     """Run (or resume) the audit into `settings.out`; returns the report dict, also written there as
     report.json, report.md and report.html."""
-    from protect.cli import DATASET_DEFAULTS
+    from protect.defaults import DATASET_DEFAULTS
     from protect.data import load_dataset
     from protect.trainer import TrainConfig
 

@@ -1,24 +1,27 @@
-"""Serving throughput and latency: the bulk endpoint against raw ONNX Runtime in-process, and single-image
-JSON latency at concurrency 1 and 8, on a real `bentoml serve` over loopback.
+"""Serving throughput and latency on a real `bentoml serve` over loopback, each against a baseline measured in the
+same run, in interleaved rounds, so that load from other jobs on the same cores hits both alike.
 
-Bulk: rows/s of POST /predict_npy at batch 256 (float32 raw pixels, the audit's traffic) and of
-`session.run` on the same model with the same thread count in this process, measured in interleaved
-rounds in one run so that load from other processes hits both alike; the ratio is the result.
-Latency: p50/p99 of POST /predict with one image, sequential (c=1) and with 8 concurrent clients (c=8).
+Bulk: rows/s of POST /predict_npy at batch 256 (float32 raw pixels, the audit's traffic), one client stream per
+worker, against `session.run` on the same model with as many threads in this process.
+Single image: POST /predict with one image from 8 concurrent clients, against the bare baseline
+(bench/bare_serving.py: the same Runtime behind plain Starlette under uvicorn, same workers and threads, no
+keys, ledger, metrics or pydantic). `single_c8_vs_bare` is the median over rounds of (service req/s ÷ bare req/s);
+`single_c8_p99_over_p50` the median over rounds of the service's p99 ÷ p50. Sequential (c=1) latency is reported too.
+The service runs as deployed by default: keys required, one key with no budget, the ledger on.
 
-Usage: python -m bench.serving --model-dir DIR [--batch 256] [--rounds 5] [--batches-per-round 20]
-                               [--requests 400] [--out bench/results/serving.json]
+Usage: python -m bench.serving --model-dir DIR [--rounds 7] [--requests 2000] [--workers N] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
-import io
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +30,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from serving.launcher import Server
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+P99_OVER_P50_TARGET, VS_BARE_TARGET, BULK_TARGET = 3.0, 0.8, 0.75
+NPY = {"Content-Type": "application/octet-stream"}
+
+
+class BareServer(Server):
+    """bench/bare_serving.py under uvicorn with `workers` processes, the same settings as the service."""
+
+    def __init__(self, env: dict[str, str], log: Path, workers: int):
+        super().__init__(env, log)
+        self.workers = workers
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "bench.bare_serving", "--port", str(self.port), "--workers", str(self.workers)]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -45,120 +62,231 @@ def raw_rows_per_s(session, card, x: np.ndarray, batch: int, batches: int) -> fl
     return batch * batches / (time.perf_counter() - start)
 
 
-def http_rows_per_s(client: httpx.Client, bodies: list[bytes], batch: int) -> float:
+def http_rows_per_s(url: str, headers: dict, bodies: list[bytes], batch: int, streams: int) -> float:
+    """Rows/s of POST /predict_npy from `streams` sequential clients at once, one per worker: each worker runs a
+    request on its own ORT threads, so that is the service's whole share of the cores, as in-process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stream(part: list[bytes]) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
+            for body in part:
+                client.post("/predict_npy", content=body, headers=NPY).raise_for_status()
+
     start = time.perf_counter()
-    for body in bodies:
-        r = client.post("/predict_npy", content=body, headers={"Content-Type": "application/octet-stream"})
-        r.raise_for_status()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(stream, [bodies[i::streams] for i in range(streams)]))
     return batch * len(bodies) / (time.perf_counter() - start)
 
 
-async def latencies(url: str, body: bytes, concurrency: int, total: int) -> list[float]:
+def connections_per_worker(server: Server) -> list[int]:
+    """Established connections each worker process of `server` holds, most first."""
+    import psutil
+
+    counts = [sum(c.status == psutil.CONN_ESTABLISHED for c in p.net_connections("tcp"))
+              for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    return sorted((n for n in counts if n), reverse=True)
+
+
+async def single_image(url: str, body: bytes, headers: dict, concurrency: int, total: int,
+                       probe=None) -> tuple[list[float], float]:
+    """Latencies (s) of `total` POST /predict from `concurrency` keep-alive clients, and requests per second;
+    `probe()` is called once the connections are open. aiohttp rather than httpx: the client shares the cores with
+    the server, so it should cost as little as can be."""
+    import aiohttp
+
     out: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    headers = {"Content-Type": "application/json", **headers}
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def one() -> float:
+            t0 = time.perf_counter()
+            async with session.post("/predict", data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{url}/predict answered {r.status}")
+            return time.perf_counter() - t0
+
+        await asyncio.gather(*(one() for _ in range(2 * concurrency)))  # open the connections
+        if probe is not None:
+            probe()
         per_client = total // concurrency
 
-        async def worker():
+        async def client():
             for _ in range(per_client):
-                t0 = time.perf_counter()
-                r = await client.post("/predict", content=body, headers={"Content-Type": "application/json"})
-                out.append(time.perf_counter() - t0)
-                r.raise_for_status()
+                out.append(await one())
 
-        for _ in range(10):  # warm-up
-            (await client.post("/predict", content=body, headers={"Content-Type": "application/json"})).raise_for_status()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return out
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return out, len(out) / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "default")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batches-per-round", type=int, default=20)
-    p.add_argument("--requests", type=int, default=400, help="single-image requests per concurrency level")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="BentoML worker processes (default: the server's default, one per core); ORT threads are split among them")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
-    args = p.parse_args(argv)
+def make_key(db: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "serving.keys", "--db", str(db), "add", "bench", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)["key"]
 
+
+def summary(lat: list[list[float]], rps: list[float]) -> dict:
+    pooled = [v for r in lat for v in r]
+    return {"requests": len(pooled), "p50_ms": pct(pooled, 50), "p99_ms": pct(pooled, 99),
+            "mean_ms": 1000 * statistics.mean(pooled), "req_per_s_per_round": rps,
+            "req_per_s_median": statistics.median(rps),
+            "p99_over_p50_per_round": [pct(r, 99) / pct(r, 50) for r in lat],
+            "p99_over_p50_median": statistics.median(pct(r, 99) / pct(r, 50) for r in lat)}
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict:
     from protect.card import ONNX, verify_model_dir
-    from serving.config import cpu_count
-    from serving.runtime import make_session
-    from serving_server import Server, npy
+    from serving.runtime import make_session, to_npy
 
     card = verify_model_dir(args.model_dir)
-    threads = args.threads or cpu_count()
-    args.workers = args.workers or cpu_count()
-    rng = np.random.default_rng(0)
     try:
         from protect.data import load_dataset
 
         x_all = load_dataset(card.dataset, None).test_x.numpy().astype(np.float32)
     except Exception:  # the dataset is not on this machine: random pixels cost the model the same
-        x_all = rng.random((4096, *card.input_shape), dtype=np.float32)
+        x_all = np.random.default_rng(0).random((4096, *card.input_shape), dtype=np.float32)
     n = args.batch * args.batches_per_round
     x = np.resize(x_all, (n, *card.input_shape)).astype(np.float32)
-    bodies = [npy(x[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches_per_round)]
+    bodies = [to_npy(x[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches_per_round)]
     single = json.dumps({"inputs": x[:1].tolist()}).encode()
 
-    session = make_session(args.model_dir / ONNX, threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"UNDISTILLABLE_MODEL_DIR": str(args.model_dir.resolve()), "UNDISTILLABLE_KEYS_DB": f"{tmp}/keys.sqlite",
-               "UNDISTILLABLE_ORT_THREADS": str(max(1, threads // args.workers)),
-               "UNDISTILLABLE_WORKERS": str(args.workers)}
-        srv = Server(env, Path(tmp) / "serve.log").start()
-        try:
-            raw, http = [], []
-            with httpx.Client(base_url=srv.url, timeout=120) as client:
-                http_rows_per_s(client, bodies[:3], args.batch)  # warm-up
-                raw_rows_per_s(session, card, x, args.batch, 3)
-                for _ in range(args.rounds):
-                    raw.append(raw_rows_per_s(session, card, x, args.batch, args.batches_per_round))
-                    http.append(http_rows_per_s(client, bodies, args.batch))
-            lat = {c: asyncio.run(latencies(srv.url, single, c, args.requests)) for c in (1, 8)}
-            served_ok = "(status=5" not in srv.log_text()
-        finally:
-            srv.stop()
+    session = make_session(args.model_dir / ONNX, args.threads)
+    env = {"UNDISTILLABLE_MODEL_DIR": str(args.model_dir.resolve()), "UNDISTILLABLE_WORKERS": str(args.workers),
+           "UNDISTILLABLE_ORT_THREADS": str(max(1, args.threads // args.workers)),
+           "UNDISTILLABLE_KEYS_DB": str(tmp / "keys.sqlite")}
+    auth: dict[str, str] = {}
+    if args.open:
+        env["UNDISTILLABLE_REQUIRE_KEYS"] = "off"
+    else:
+        auth = {"Authorization": f"Bearer {make_key(tmp / 'keys.sqlite')}"}
+    load_before = os.getloadavg()
+    service = Server(env, tmp / "serve.log").start()
+    bare = BareServer(env, tmp / "bare.log", args.workers).start()
+    raw, bulk = [], []
+    lat = {name: {1: [], 8: []} for name in ("service", "bare")}
+    rps = {name: {1: [], 8: []} for name in ("service", "bare")}
+    split: dict[str, list[list[int]]] = {"service": [], "bare": []}
+    try:
+        http_rows_per_s(service.url, auth, bodies[:2 * args.workers], args.batch, args.workers)  # warm-up
+        raw_rows_per_s(session, card, x, args.batch, 3)
+        for url, headers in ((service.url, auth), (bare.url, {})):
+            asyncio.run(single_image(url, single, headers, 8, args.requests // 2))
+        for r in range(args.rounds):
+            raw.append(raw_rows_per_s(session, card, x, args.batch, args.batches_per_round))
+            bulk.append(http_rows_per_s(service.url, auth, bodies, args.batch, args.workers))
+            pair = [("service", service, auth), ("bare", bare, {})]
+            for name, server, headers in (pair if r % 2 == 0 else pair[::-1]):  # neither always goes first
+                for c, total in ((8, args.requests), (1, args.requests // 4)):
+                    probe = (lambda: split[name].append(connections_per_worker(server))) if c == 8 else None
+                    v, per_s = asyncio.run(single_image(server.url, single, headers, c, total, probe))
+                    lat[name][c].append(v)
+                    rps[name][c].append(per_s)
+        no_5xx = "(status=5" not in service.log_text()
+    finally:
+        service.stop()
+        bare.stop()
+    s8, b8 = summary(lat["service"][8], rps["service"][8]), summary(lat["bare"][8], rps["bare"][8])
+    vs_bare = [s / b for s, b in zip(rps["service"][8], rps["bare"][8])]
+    raw_med, bulk_med = statistics.median(raw), statistics.median(bulk)
+    return {
+        "card": card, "providers": session.get_providers(), "load_average_before": load_before, "no_5xx": no_5xx,
+        "single_c8_vs_bare": statistics.median(vs_bare), "single_c8_p99_over_p50": s8["p99_over_p50_median"],
+        "single_image": {
+            "c8": {"service": s8, "bare": b8, "vs_bare_per_round": vs_bare,
+                   "connections_per_worker": split},
+            "c1": {"service": summary(lat["service"][1], rps["service"][1]),
+                   "bare": summary(lat["bare"][1], rps["bare"][1])}},
+        "bulk": {"batch": args.batch, "batches_per_round": args.batches_per_round, "client_streams": args.workers,
+                 "raw_ort_rows_per_s": raw, "http_rows_per_s": bulk, "raw_ort_median": raw_med,
+                 "http_median": bulk_med, "ratio_of_medians": bulk_med / raw_med,
+                 "ratio_per_round": [h / r for h, r in zip(bulk, raw)]},
+    }
 
-    raw_med, http_med = statistics.median(raw), statistics.median(http)
+
+def markdown(result: dict) -> str:
+    def splits(name: str) -> str:
+        return ", ".join("+".join(map(str, r)) for r in result["single_image"]["c8"]["connections_per_worker"][name])
+
+    s8, b8 = result["single_image"]["c8"]["service"], result["single_image"]["c8"]["bare"]
+    s1, b1 = result["single_image"]["c1"]["service"], result["single_image"]["c1"]["bare"]
+    bulk, srv, m = result["bulk"], result["server"], result["model"]
+    t = result["targets"]
+    yes = {True: "yes", False: "**no**"}
+    return (
+        f"# Serving benchmark ({result['created']})\n\n"
+        f"Command: `{result['command']}`  \n"
+        f"Model: {m['dataset']} {m['arch']} ({m['mode']}); {result['machine']['cpus']} CPUs; {srv['workers']} worker(s) "
+        f"× {srv['ort_threads']} ORT thread(s) for the service and the bare baseline alike, {srv['threads_in_process']} "
+        f"in-process; service {srv['keys']}; load average before {result['machine']['load_average_before'][0]:.2f}, "
+        f"after {result['machine']['load_average_at_end'][0]:.2f} (other jobs on the same cores). "
+        f"{result['rounds']} interleaved rounds; ratios are medians of per-round ratios.\n\n"
+        f"| measure | service | baseline | ratio | target | met |\n|---|---|---|---|---|---|\n"
+        f"| bulk /predict_npy, batch {bulk['batch']}, one stream per worker, rows/s (baseline: ONNX Runtime "
+        f"in-process) | "
+        f"{bulk['http_median']:,.0f} | {bulk['raw_ort_median']:,.0f} | {bulk['ratio_of_medians']:.2f} | "
+        f"≥ {BULK_TARGET} | {yes[t['bulk_ratio']]} |\n"
+        f"| single image c=8, req/s (baseline: bare Starlette) | {s8['req_per_s_median']:,.0f} | "
+        f"{b8['req_per_s_median']:,.0f} | {result['single_c8_vs_bare']:.2f} | ≥ {VS_BARE_TARGET} | "
+        f"{yes[t['single_c8_vs_bare']]} |\n"
+        f"| single image c=8, p50 / p99 ms | {s8['p50_ms']:.1f} / {s8['p99_ms']:.1f} | {b8['p50_ms']:.1f} / "
+        f"{b8['p99_ms']:.1f} | | | |\n"
+        f"| single image c=8, p99 ÷ p50 | {result['single_c8_p99_over_p50']:.2f} | {b8['p99_over_p50_median']:.2f} | | "
+        f"≤ {P99_OVER_P50_TARGET:g} | {yes[t['single_c8_p99_over_p50']]} |\n"
+        f"| single image c=1, p50 / p99 ms | {s1['p50_ms']:.1f} / {s1['p99_ms']:.1f} | {b1['p50_ms']:.1f} / "
+        f"{b1['p99_ms']:.1f} | | | |\n\n"
+        f"Connections of the 8 clients per worker, round by round (the kernel hands each new connection to whichever "
+        f"worker accepts first): service {splits('service')}; bare {splits('bare')}.\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serving.config import cpu_count
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "default")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batches-per-round", type=int, default=20)
+    p.add_argument("--requests", type=int, default=2000,
+                   help="single-image requests per round and server at c=8 (a quarter of it at c=1)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads in all (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes of the service and the baseline (default: one per core); ORT threads are "
+                        "split among them")
+    p.add_argument("--open", action="store_true", help="serve without keys (UNDISTILLABLE_REQUIRE_KEYS=off, ledger on)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    args = p.parse_args(argv)
+    args.threads = args.threads or cpu_count()
+    args.workers = args.workers or cpu_count()
+    argv = sys.argv[1:] if argv is None else argv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = measure(args, Path(tmp))
+    card = m.pop("card")
     result = {
-        "what": "bulk /predict_npy rows/s vs raw ONNX Runtime in-process (same model, same threads, interleaved "
-                "rounds); single-image JSON /predict latency",
+        "what": "service vs baselines measured in one run, interleaved: bulk /predict_npy rows/s vs ONNX Runtime "
+                "in-process; single-image /predict req/s and latency vs a bare Starlette app on the same Runtime",
+        "command": "python -m bench.serving " + shlex.join(argv),  # as typed: it reruns as is
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "single_c8_vs_bare": m.pop("single_c8_vs_bare"),
+        "single_c8_p99_over_p50": m.pop("single_c8_p99_over_p50"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+                    "load_average_before": m.pop("load_average_before"), "load_average_at_end": os.getloadavg()},
         "model": {"dir": str(args.model_dir), "dataset": card.dataset, "arch": card.arch, "mode": card.mode,
                   "sha256": card.onnx_sha256, "input_shape": card.input_shape},
-        "server": {"workers": args.workers, "ort_threads": max(1, threads // args.workers), "keys": "open (ledger on)", "providers":
-                   session.get_providers()},
-        "bulk": {"batch": args.batch, "rounds": args.rounds, "batches_per_round": args.batches_per_round,
-                 "raw_ort_rows_per_s": raw, "http_rows_per_s": http, "raw_ort_median": raw_med,
-                 "http_median": http_med, "ratio_of_medians": http_med / raw_med,
-                 "ratio_per_round": [h / r for h, r in zip(http, raw)], "target_ratio": 0.75,
-                 "target_met": http_med / raw_med >= 0.75},
-        "latency_ms": {f"c{c}": {"requests": len(v), "p50": pct(v, 50), "p99": pct(v, 99), "mean": 1000 * statistics.mean(v)}
-                       for c, v in lat.items()},
-        "latency_target": {"p99_c8_ms": 25, "met": pct(lat[8], 99) <= 25},
-        "no_5xx": served_ok,
+        "server": {"workers": args.workers, "ort_threads": max(1, args.threads // args.workers),
+                   "threads_in_process": args.threads, "providers": m.pop("providers"),
+                   "keys": "open (ledger on)" if args.open else "keys required (one key, no budget; ledger on)",
+                   "settings": {k: v for k, v in os.environ.items() if k.startswith("UNDISTILLABLE_")}},
+        "rounds": args.rounds,
+        **m,
     }
+    result["targets"] = {"bulk_ratio": result["bulk"]["ratio_of_medians"] >= BULK_TARGET,
+                         "single_c8_vs_bare": result["single_c8_vs_bare"] >= VS_BARE_TARGET,
+                         "single_c8_p99_over_p50": result["single_c8_p99_over_p50"] <= P99_OVER_P50_TARGET}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = args.out.with_suffix(".md")
-    md.write_text(
-        f"# Serving benchmark ({result['created']})\n\n"
-        f"Model: {card.dataset} {card.arch} ({card.mode}), {args.model_dir.name}; {os.cpu_count()} CPUs, ORT threads "
-        f"{threads} (in-process) / {max(1, threads // args.workers)} per worker, {args.workers} worker(s), open service with the ledger on; load average at the end "
-        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (shared machine).\n\n"
-        f"| measure | value | target |\n|---|---|---|\n"
-        f"| bulk /predict_npy, batch {args.batch} | {http_med:,.0f} rows/s | |\n"
-        f"| raw ONNX Runtime in-process, batch {args.batch} | {raw_med:,.0f} rows/s | |\n"
-        f"| ratio (medians of {args.rounds} interleaved rounds) | {http_med / raw_med:.2f} | ≥ 0.75 |\n"
-        f"| JSON single image, c=1: p50 / p99 | {pct(lat[1], 50):.1f} / {pct(lat[1], 99):.1f} ms | |\n"
-        f"| JSON single image, c=8: p50 / p99 | {pct(lat[8], 50):.1f} / {pct(lat[8], 99):.1f} ms | p99 ≤ 25 ms |\n")
+    md.write_text(markdown(result))
     print(md.read_text())
     return 0
 

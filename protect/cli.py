@@ -7,17 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from protect.defaults import DATASET_DEFAULTS, UsageError  # noqa: F401  (re-exported: `from protect.cli import ...`)
 from protect.registry import UnknownNameError
 
 EXIT_USAGE = 2
-
-DATASET_DEFAULTS: dict[str, dict] = {
-    "fashion-mnist": {"arch": "cnn-medium", "epochs": 10, "lr": 0.05, "batch_size": 128},
-    "digits": {"arch": "cnn-small", "epochs": 20, "lr": 0.05, "batch_size": 64},
-    "cifar10": {"arch": "resnet20", "epochs": 100, "lr": 0.1, "batch_size": 128},
-    "cifar100": {"arch": "resnet20", "epochs": 100, "lr": 0.1, "batch_size": 128},
-    "imagefolder": {"arch": "cnn-small", "epochs": 30, "lr": 0.05, "batch_size": 64},
-}
 
 TRAIN_EPILOG = """\
 modes:
@@ -35,10 +28,6 @@ examples:
   torchrun --nproc_per_node 2 --no-python protect train --mode cmim --dataset digits --out runs/ddp
   protect train --out runs/cmim --resume        # continue after Ctrl-C or a crash
 """
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as is, exit status 2."""
 
 
 def _floats(text: str) -> list[float]:

@@ -9,6 +9,7 @@ import torch
 
 from protect.cmi import CMIM_DEFAULT_LAMBDA, cmi_spectrum
 from protect.data import TensorLoader, load_dataset, make_loader, train_and_test_sets
+from protect.defaults import DATASET_DEFAULTS, UsageError
 from protect.metrics import DEFAULT_EVAL_TEMPERATURES
 from protect.models import create_model
 from protect.objectives import OBJECTIVES
@@ -16,21 +17,13 @@ from protect.runs import CONFIG, build_model, load_run_model, read_config, versi
 from protect.trainer import TrainConfig, distributed_context, fit, resolve_device
 
 
-def _usage(message: str) -> Exception:
-    from protect.cli import UsageError
-
-    return UsageError(message)
-
-
 def config_from_args(args: argparse.Namespace) -> dict:
-    from protect.cli import DATASET_DEFAULTS
-
     OBJECTIVES.get(args.mode)  # unknown mode → the list of valid ones, before any work
     defaults = DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["imagefolder"])
     if args.mode == "mcmi" and args.init is None:
-        raise _usage("--mode mcmi fine-tunes a trained teacher: pass --init RUN_DIR (e.g. a `--mode ce` run)")
+        raise UsageError("--mode mcmi fine-tunes a trained teacher: pass --init RUN_DIR (e.g. a `--mode ce` run)")
     if args.mode == "nasty" and args.reference is None:
-        raise _usage("--mode nasty needs --reference RUN_DIR, a CE-trained model of the same task")
+        raise UsageError("--mode nasty needs --reference RUN_DIR, a CE-trained model of the same task")
     if args.mode == "cmim":
         options = {"lam": CMIM_DEFAULT_LAMBDA if args.lam is None else args.lam, "temperatures": args.temperatures,
                    "aggregator": args.aggregator, "weighting": args.weighting,
@@ -51,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         warmup_epochs=args.warmup_epochs, batch_size=args.batch_size or defaults["batch_size"], seed=args.seed,
         device=args.device, amp=not args.no_amp, grad_clip=args.grad_clip or None)
     if train.epochs < 1 or train.batch_size < 1 or train.lr <= 0:
-        raise _usage("--epochs and --batch-size must be ≥ 1 and --lr > 0")
+        raise UsageError("--epochs and --batch-size must be ≥ 1 and --lr > 0")
     return {"mode": args.mode, "dataset": args.dataset, "data_dir": args.data_dir, "train_limit": args.train_limit,
             "arch": args.arch or defaults["arch"], "objective_options": options, "train": train.to_dict(),
             "init": str(args.init) if args.init else None,
@@ -64,11 +57,11 @@ def _load_compatible(run_dir: str, config: dict, role: str) -> torch.nn.Module:
     try:
         other = read_config(run_dir)
     except Exception as exc:
-        raise _usage(f"{role} {run_dir}: {exc}") from exc
+        raise UsageError(f"{role} {run_dir}: {exc}") from exc
     for key in ("num_classes", "input_shape"):
         if other.get(key) != config[key]:
-            raise _usage(f"{role} {run_dir} has {key}={other.get(key)} but this run's dataset {config['dataset']} "
-                         f"has {key}={config[key]}; use a run trained on the same task")
+            raise UsageError(f"{role} {run_dir} has {key}={other.get(key)} but this run's dataset {config['dataset']} "
+                             f"has {key}={config[key]}; use a run trained on the same task")
     model, _ = load_run_model(run_dir)
     return model
 
@@ -81,7 +74,7 @@ def run_training(args: argparse.Namespace) -> dict | None:
         config = read_config(out)
     else:
         if (out / CONFIG).exists():
-            raise _usage(f"{out} already holds a run; add --resume to continue it, or choose another --out")
+            raise UsageError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
         config = config_from_args(args)
     splits = load_dataset(config["dataset"], config["data_dir"], download=getattr(args, "download", False))
     splits = splits.subset_train(config["train_limit"])
@@ -95,7 +88,7 @@ def run_training(args: argparse.Namespace) -> dict | None:
     if config["mode"] == "mcmi" and not args.resume:
         init = _load_compatible(config["init"], config, "--init")
         if type(init) is not type(model) or init.state_dict().keys() != model.state_dict().keys():
-            raise _usage(f"--init {config['init']} is a different architecture; pass --arch {read_config(config['init'])['arch']}")
+            raise UsageError(f"--init {config['init']} is a different architecture; pass --arch {read_config(config['init'])['arch']}")
         model.load_state_dict(init.state_dict())
     objective = OBJECTIVES.get(config["mode"])(splits.num_classes, **options)
 

@@ -78,7 +78,11 @@ class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
     policy: OutputPolicy = field(default_factory=OutputPolicy)
     keys_db: Path = DEFAULT_KEYS_DB
-    require_keys: str = "auto"  # auto: keys are required as soon as the database holds an active key
+    keys_db_configured: bool = False  # UNDISTILLABLE_KEYS_DB was set (else the default path): for messages
+    # Fail closed: keys are required unless the operator turns them off (UNDISTILLABLE_REQUIRE_KEYS=off).
+    # Never inferred from the database's contents, so revoking the last key or naming the wrong database
+    # cannot open the API.
+    require_keys: bool = True
     max_rows: int = 8192
     max_body_bytes: int = 64 << 20
     workers: int = field(default_factory=cpu_count)
@@ -87,6 +91,7 @@ class Settings:
     hide_options: bool = False
     ledger: bool = True
     access_log: bool = True
+    tracing: bool = False  # OpenTelemetry spans on prediction routes (health, docs and metadata always have them)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -94,18 +99,17 @@ class Settings:
         kind = (_env("OUTPUT_POLICY", "probs") or "probs").lower()
         policy = OutputPolicy(kind=kind, k=_int("TOPK", 3, minimum=1) if kind == "topk" else None,
                               decimals=_int("DECIMALS", None))
-        require = (_env("REQUIRE_KEYS", "auto") or "auto").lower()
-        if require in ("1", "true", "yes", "on"):
-            require = "on"
-        elif require in ("0", "false", "no", "off"):
-            require = "off"
-        if require not in ("auto", "on", "off"):
-            raise ConfigError(f"{PREFIX}REQUIRE_KEYS={require!r}: use auto, on or off")
+        require = (_env("REQUIRE_KEYS", "on") or "on").lower()
+        if require not in ("auto", "1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{PREFIX}REQUIRE_KEYS={require!r}: use on (the default) or off")
+        keys_db = _env("KEYS_DB")
         return cls(
             model_dir=Path(_env("MODEL_DIR", str(DEFAULT_MODEL_DIR))).expanduser(),
             policy=policy,
-            keys_db=Path(_env("KEYS_DB", str(DEFAULT_KEYS_DB))).expanduser(),
-            require_keys=require,
+            keys_db=Path(keys_db or DEFAULT_KEYS_DB).expanduser(),
+            keys_db_configured=keys_db is not None,
+            # "auto" was the former default; it now means on (it used to open the API when no key was active)
+            require_keys=require not in ("0", "false", "no", "off"),
             max_rows=_int("MAX_ROWS", 8192, minimum=1),
             max_body_bytes=_int("MAX_BODY_BYTES", 64 << 20, minimum=1024),
             workers=workers,
@@ -115,4 +119,5 @@ class Settings:
             hide_options=_bool("HIDE_OPTIONS", False),
             ledger=_bool("LEDGER", True),
             access_log=_bool("ACCESS_LOG", True),
+            tracing=_bool("TRACING", False),
         )

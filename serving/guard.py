@@ -2,24 +2,28 @@
 one error shape for every 4xx/5xx, and the OpenAPI additions for the routes BentoML does not describe.
 
 Prediction routes (POST): the key is checked first (401), then the body is read up to the size limit (413),
-its rows are counted (from the .npy header, the JSON `inputs` list, 1 per image), and the rows are charged
-to the key in one SQLite transaction (429 over budget or rate). If the model then refuses the request, the
-charge is refunded: only served rows count. Everything else (health, metrics, metadata, docs) stays open.
+its rows are counted (from the .npy header, the JSON `inputs` list, 1 per image) and held against the row
+limit (413) before any budget question, then against the key's budget and rate (429, nothing charged). The
+model's answer is held back until it is billed: budget, rate and charge in one SQLite transaction, then the
+answer is sent. An answer refused by the model (4xx), or one whose client has gone, is never billed.
+Everything else (health, metrics, metadata, docs) stays open.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
 import logging
+import sqlite3
 from http import HTTPStatus
 
-from serving.config import Settings
+from serving.config import PREFIX, ConfigError, Settings
 from serving.errors import error_body
-from serving.ledger import Ledger
-from serving.runtime import npy_rows
+from serving.ledger import Decision, Ledger
+from serving.runtime import batch_too_large, npy_rows
 
-logger = logging.getLogger("serving")
+logger = logging.getLogger("bentoml.undistillable")
 
 GUARDED = {"/predict": "json", "/predict_npy": "npy", "/classify_image": "image"}
 MEDIA = {"json": ("application/json",), "npy": ("application/octet-stream", "application/x-npy"),
@@ -124,13 +128,49 @@ class _Capture:
                 ctype = b"application/json"
             else:
                 body, ctype = self.rewrite_ok(body), b"application/json"
-            headers = [(k, v) for k, v in self._start.get("headers", [])
-                       if k.lower() not in (b"content-length", b"content-type")]
-            headers += [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
-            await self.send({**self._start, "headers": headers})
-            await self.send({"type": "http.response.body", "body": body})
+            await _send_whole(self.send, self._start, body, ctype)
             return
         await self.send(message)
+
+
+async def _send_whole(send, start: dict, body: bytes, ctype: bytes | None = None) -> None:
+    """Send `start` (with Content-Length, and Content-Type when given, set for `body`) and then `body`."""
+    drop = (b"content-length", b"content-type") if ctype else (b"content-length",)
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+    headers += ([(b"content-type", ctype)] if ctype else []) + [(b"content-length", str(len(body)).encode())]
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Held:
+    """Stands in for `send` on prediction routes: the whole answer is kept until the guard has billed it."""
+
+    def __init__(self):
+        self.start: dict | None = None
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.start = message
+        elif message["type"] == "http.response.body":
+            self.chunks.append(message.get("body", b""))
+
+    @property
+    def status(self) -> int | None:
+        return None if self.start is None else self.start["status"]
+
+    async def release(self, send) -> None:
+        body = b"".join(self.chunks)
+        if self.status >= 400:
+            await _send_whole(send, self.start, normalise_error(self.status, body), b"application/json")
+        else:
+            await _send_whole(send, self.start, body)
+
+
+async def _client_gone(receive) -> None:
+    """Returns once the server reports the client disconnected (uvicorn also says so after the response)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _replay(body: bytes):
@@ -178,15 +218,39 @@ def json_rows(body: bytes) -> int | None:
         return None
 
 
+def auth_at_start(settings: Settings) -> tuple[int, str]:
+    """(log level, line) saying how the API is guarded; ConfigError when keys are required and the keys
+    database is missing or unreadable (a wrong path must stop the server, not open it)."""
+    db = settings.keys_db
+    if not settings.require_keys:
+        return logging.WARNING, (f"running OPEN: no API keys are required ({PREFIX}REQUIRE_KEYS=off); anyone who "
+                                 f"reaches this port gets answers with no budget (ledger: {db if settings.ledger else 'off'})")
+    where = f"{PREFIX}KEYS_DB={db}" if settings.keys_db_configured else f"the default keys database {db}"
+    if not db.is_file():
+        raise ConfigError(f"API keys are required but {where} does not exist. Create it and a key with "
+                          f"`python -m serving.keys --db {db} add NAME` (or fix the path), or set "
+                          f"{PREFIX}REQUIRE_KEYS=off to serve without keys")
+    ledger = Ledger(db)
+    try:
+        active = ledger.active_keys()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"API keys are required but {where} is not a keys database ({exc})") from None
+    finally:
+        ledger.close()
+    if active == 0:
+        return logging.WARNING, (f"API keys required, and {where} holds no active key: every prediction is refused "
+                                 f"(401) until one is added with `python -m serving.keys --db {db} add NAME`")
+    return logging.INFO, f"API keys required: {active} active keys in {db}"
+
+
 class GuardMiddleware:
     def __init__(self, app, settings: Settings | None = None):
         self.app = app
         self.settings = settings or Settings.from_env()
-        self.ledger = Ledger(self.settings.keys_db)
+        self.ledger = Ledger(self.settings.keys_db, serving=True)
 
     def keys_required(self) -> bool:
-        mode = self.settings.require_keys
-        return mode == "on" or (mode == "auto" and self.ledger.keys_active())
+        return self.settings.require_keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -234,21 +298,44 @@ class GuardMiddleware:
             if problem:
                 return await respond(send, 400, *problem)
         rows = {"npy": npy_rows, "json": json_rows}.get(kind, lambda b: 1)(body)
-        rows = max(1, rows or 1)  # unreadable inputs are refused by the model; charged 1 until then
-        decision = None
-        if key_id is not None or settings.ledger:
-            decision = self.ledger.charge(key_id, rows, scope["path"], hashlib.sha256(body).hexdigest())
-            if not decision.allowed:
-                headers = {"Retry-After": decision.retry_after} if decision.retry_after else None
-                return await respond(send, decision.status, decision.error, decision.detail, headers)
-        capture = _Capture(send)
-        served = False
+        if rows is not None and rows > settings.max_rows:  # a size refusal, before any budget question
+            too_large = batch_too_large(rows, settings.max_rows)
+            return await respond(send, too_large.status, too_large.error, too_large.detail)
+        rows = max(1, rows or 1)  # unreadable inputs are refused by the model, and never billed
+        if key_id is not None:
+            refusal = self.ledger.precheck(key_id, rows)
+            if not refusal.allowed:
+                return await _refuse(send, refusal)
+        gone = asyncio.ensure_future(_client_gone(receive))
         try:
-            await self.app(scope, _replay(body), capture)
-            served = capture.status is not None and capture.status < 400
+            held = _Held()
+            await self.app(scope, _replay(body), held)
+            if held.status is None:  # nothing to send or bill
+                return
+            if held.status >= 400:
+                return await held.release(send)
+            if gone.done():
+                logger.info("%s: the client left before its answer of %d rows was ready; not billed",
+                            scope["path"], rows)
+                return
+            decision = None
+            if key_id is not None or settings.ledger:
+                decision = self.ledger.charge(key_id, rows, scope["path"], hashlib.sha256(body).hexdigest())
+                if not decision.allowed:  # a concurrent request spent the budget first
+                    return await _refuse(send, decision)
+            try:
+                await held.release(send)
+            except BaseException:
+                if decision is not None:
+                    self.ledger.refund(decision, rows)
+                raise
         finally:
-            if decision is not None and not served:
-                self.ledger.refund(decision, rows)
+            gone.cancel()
+
+
+async def _refuse(send, decision: Decision) -> None:
+    headers = {"Retry-After": decision.retry_after} if decision.retry_after else None
+    await respond(send, decision.status, decision.error, decision.detail, headers)
 
 
 async def _check_upload(scope, body: bytes) -> tuple[str, str] | None:

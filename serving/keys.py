@@ -1,15 +1,19 @@
-"""Manage API keys: `python -m serving.keys add|list|revoke|ledger` (also the `serving-keys` console script).
+"""Manage API keys: `python -m serving.keys [--db PATH] init|add|list|revoke|ledger`.
 
-The database is UNDISTILLABLE_KEYS_DB (or --db); the running service sees changes at once. A key is shown
-once, when it is added; only its sha256 is stored.
+The database is --db, else UNDISTILLABLE_KEYS_DB, else the service's default (ledger/serving.sqlite beside
+serving/); the running service sees changes at once. A database is created only when named (--db or the
+variable) or by `init`, never by a typo or a forgotten variable. A key is shown once, when it is added; only its
+sha256 is stored.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
 from serving.config import DEFAULT_KEYS_DB, PREFIX
 from serving.ledger import Ledger
@@ -20,15 +24,17 @@ def _when(ts) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serving-keys", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m serving.keys", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--db", help="key and ledger database (default: UNDISTILLABLE_KEYS_DB or ledger/serving.sqlite)")
+    p.add_argument("--db", help="key and ledger database (default: UNDISTILLABLE_KEYS_DB, else ledger/serving.sqlite "
+                   "beside serving/)")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="create the database (an empty one; `add` creates it too when it is named)")
     a = sub.add_parser("add", help="create a key and print it (once)")
     a.add_argument("name", help="unique name of the customer or client")
     a.add_argument("--budget", type=int, help="total rows the key may be served (default: unlimited)")
-    a.add_argument("--rate", type=float, help="rows per minute (token bucket, bursts up to one minute's rows; "
-                   "default: unlimited)")
+    a.add_argument("--rate", type=float, help="rows per minute, at least 1 (token bucket, bursts up to one minute's "
+                   "rows; default: unlimited)")
     a.add_argument("--json", action="store_true")
     ls = sub.add_parser("list", help="keys with their budgets and usage")
     ls.add_argument("--json", action="store_true")
@@ -41,14 +47,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def database(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The database path and, when it may not be used, why: only `init` or a named database may create one."""
+    named = args.db or os.environ.get(PREFIX + "KEYS_DB")
+    path = Path(named or DEFAULT_KEYS_DB).expanduser()
+    if path.is_file() or args.command == "init" or (named and args.command == "add"):
+        return path, None
+    if named:
+        return path, f"no keys database at {path}; check the path, or create it with `add` or `init`"
+    return path, (f"no keys database named: pass --db PATH or set {PREFIX}KEYS_DB (what the service reads), "
+                  f"or create the default one ({path}) with `python -m serving.keys init`")
+
+
+def check_limits(budget: int | None, rate: float | None) -> str | None:
+    """Why a key with this budget and rate could not work, or None."""
+    if budget is not None and budget < 0:
+        return f"--budget {budget}: a budget counts rows, use 0 or more (leave it out for no limit)"
+    if rate is not None and not (math.isfinite(rate) and rate >= 1):
+        return (f"--rate {rate:g}: the bucket holds one minute of rows, so a rate below 1 row per minute could never "
+                "serve a row; use a rate of at least 1 (leave it out for no limit)")
+    return None
+
+
+def _limit(value, unit: str) -> str:
+    return "unlimited" if value is None else f"{value:g} {unit}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ledger = Ledger(args.db or os.environ.get(PREFIX + "KEYS_DB") or DEFAULT_KEYS_DB)
+    path, problem = database(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.command == "add" and (problem := check_limits(args.budget, args.rate)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    ledger = Ledger(path)
     try:
-        if args.command == "add":
-            if args.budget is not None and args.budget < 0 or args.rate is not None and args.rate <= 0:
-                print("error: --budget must be ≥ 0 and --rate > 0", file=sys.stderr)
-                return 2
+        if args.command == "init":
+            existed = path.is_file()
+            ledger.active_keys()  # creates the file and its tables
+            print(f"{'keys database already exists' if existed else 'created keys database'}: {path}")
+        elif args.command == "add":
             try:
                 key = ledger.add_key(args.name, args.budget, args.rate)
             except ValueError as exc:
@@ -58,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"name": args.name, "key": key, "budget": args.budget, "rate": args.rate}))
             else:
                 print(key)
-                print(f"(key for {args.name!r}: budget {args.budget or 'unlimited'} rows, rate "
-                      f"{args.rate or 'unlimited'} rows/min; it is not shown again)", file=sys.stderr)
+                print(f"(key for {args.name!r} in {path}: budget {_limit(args.budget, 'rows')}, rate "
+                      f"{_limit(args.rate, 'rows/min')}; it is not shown again)", file=sys.stderr)
         elif args.command == "list":
             keys = ledger.list_keys()
             if args.json:

@@ -22,10 +22,12 @@ def free_port() -> int:
 
 
 class Server:
-    """A `bentoml serve` subprocess with UNDISTILLABLE_* settings in `env`, logging to `log`."""
+    """A server subprocess with UNDISTILLABLE_* settings in `env` (a None value unsets a variable), logging to
+    `log`; ready once GET /readyz answers 200. By default `bentoml serve` of the project's service, or `target`."""
 
-    def __init__(self, env: dict[str, str], log: Path):
-        self.env, self.log = env, log
+    def __init__(self, env: dict[str, str | None], log: Path, target: str = "serving.service:Undistillable",
+                 cwd: Path = ROOT):
+        self.env, self.log, self.target, self.cwd = env, log, target, cwd
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -33,19 +35,22 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def argv(self) -> list[str]:
+        return [BENTOML, "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
+
     def start(self, timeout: float = 120) -> Server:
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BENTOML_DO_NOT_TRACK": "true",
                "UNDISTILLABLE_ORT_THREADS": "1", **self.env}
+        env = {k: v for k, v in env.items() if v is not None}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.log, "ab")
-        self.proc = subprocess.Popen([BENTOML, "serve", "serving.service:Undistillable", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], cwd=ROOT, env=env, stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv(), cwd=self.cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+                raise RuntimeError(f"{self.argv()[0]} exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return self
@@ -53,16 +58,29 @@ class Server:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{self.log_text()[-3000:]}")
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            import psutil  # a BentoML dependency
+
+            try:  # BentoML's workers run in process groups of their own: a SIGKILL of ours would miss them
+                workers = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                workers = []
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+            for worker in workers:
+                try:
+                    worker.wait(10)
+                except psutil.TimeoutExpired:
+                    worker.kill()
+                except psutil.Error:
+                    pass
         self.proc = None
         if getattr(self, "_fh", None):
             self._fh.close()

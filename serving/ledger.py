@@ -1,13 +1,17 @@
 """API keys, row budgets, rates and the query ledger in one SQLite file.
 
 Every check-and-charge runs inside one `BEGIN IMMEDIATE` transaction, so concurrent requests (threads,
-workers, processes) cannot overspend a budget; WAL with synchronous=NORMAL keeps every committed
-transaction across a crash or restart of the server process. Keys are stored as sha256 digests only.
+workers, processes) cannot overspend a budget; writers queue on an flock (`DB.lock`) first. WAL with
+synchronous=NORMAL keeps every committed transaction across a crash or restart of the server process. Keys are
+stored as sha256 digests only.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -44,6 +48,7 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS batches_key ON batches(key_id, ts);
 """
 KEY_PREFIX = "ud_"
+KEY_STATE = "SELECT row_budget, rate_rows_per_min, tokens, tokens_ts, rows_served, revoked FROM keys WHERE id=?"
 
 
 def hash_key(key: str) -> str:
@@ -56,7 +61,7 @@ def new_key() -> str:
 
 @dataclass
 class Decision:
-    """The outcome of `Ledger.charge`: allowed (with the batch id to refund), or a refusal."""
+    """The outcome of `Ledger.precheck` or `Ledger.charge`: allowed (with the batch id to refund), or a refusal."""
 
     allowed: bool
     status: int = 200
@@ -68,10 +73,14 @@ class Decision:
 
 
 class Ledger:
-    def __init__(self, path: str | Path):
+    """The keys database. `serving=True` (the guard in each worker) moves WAL checkpoints off the request path."""
+
+    def __init__(self, path: str | Path, serving: bool = False):
         self.path = Path(path)
+        self.serving = serving
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._writer_fd: int | None = None
 
     # -- plumbing
     def conn(self) -> sqlite3.Connection:
@@ -82,26 +91,57 @@ class Ledger:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.executescript(SCHEMA)
+            if self.serving:
+                # A commit that crosses 1000 WAL pages checkpoints the file and fsyncs it, inside the request that
+                # committed (tens of ms on a busy disk, with the worker's event loop waiting): a thread does it instead
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+                threading.Thread(target=self._checkpoints, name="ledger-checkpoints", daemon=True).start()
             self._conn = conn
         return self._conn
+
+    def _checkpoints(self, every: float = 1.0) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        while True:
+            time.sleep(every)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:  # busy or gone: the next round tries again
+                pass
+
+    @contextlib.contextmanager
+    def _writer(self):
+        """Writers queue on an flock beside the database before BEGIN IMMEDIATE. SQLite's own busy handler sleeps
+        1, 2, 5, 10… ms between tries, in the caller's thread: the worker's event loop. Measured with two processes
+        charging at once: 0.85 ms per charge, mostly asleep, 24% of them over 1 ms; queued on the lock, 0.15 ms."""
+        if self._writer_fd is None:
+            self._writer_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
 
     def _tx(self, fn):
         with self._lock:
             conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+            with self._writer():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._writer_fd is not None:
+                os.close(self._writer_fd)
+                self._writer_fd = None
 
     # -- key management (the CLI)
     def add_key(self, name: str, row_budget: int | None = None, rate: float | None = None,
@@ -144,9 +184,9 @@ class Ledger:
         return [dict(zip(["id", "key", "ts", "endpoint", "rows", "digest"], r)) for r in rows]
 
     # -- the guard's questions
-    def keys_active(self) -> bool:
+    def active_keys(self) -> int:
         with self._lock:
-            return self.conn().execute("SELECT EXISTS(SELECT 1 FROM keys WHERE revoked IS NULL)").fetchone()[0] == 1
+            return self.conn().execute("SELECT COUNT(*) FROM keys WHERE revoked IS NULL").fetchone()[0]
 
     def lookup(self, key: str) -> int | None:
         with self._lock:
@@ -154,45 +194,60 @@ class Ledger:
                                       (hash_key(key),)).fetchone()
         return row[0] if row else None
 
+    @staticmethod
+    def _assess(row, rows: int, now: float) -> tuple[Decision | None, float | None]:
+        """Budget and rate checks on a key's row: (refusal, None), or (None, tokens left after the charge)."""
+        if row is None or row[5] is not None:
+            return Decision(False, 401, "unauthorized", "the API key was revoked"), None
+        budget, rate, tokens, tokens_ts, served, _ = row
+        if budget is not None and served + rows > budget:
+            left = max(0, budget - served)
+            return Decision(False, 429, "over_budget",
+                            f"this request has {rows} rows; the key's budget has {left} of {budget} rows left"), None
+        if rate is None:
+            return None, None
+        capacity = rate
+        tokens = capacity if tokens is None else min(capacity, tokens + (now - (tokens_ts or now)) * rate / 60)
+        if rows > capacity:
+            return Decision(False, 429, "over_rate", f"{rows} rows in one request exceed the key's rate of {rate:g} "
+                            "rows per minute; send smaller batches"), None
+        if tokens < rows:
+            wait = math.ceil((rows - tokens) * 60 / rate)
+            return Decision(False, 429, "over_rate", f"rate limit of {rate:g} rows per minute reached; retry in "
+                            f"{wait} s", retry_after=max(1, wait)), None
+        return None, tokens - rows
+
+    def _refuse(self, conn, key_id: int, refusal: Decision, now: float) -> Decision:
+        if refusal.status == 429:
+            conn.execute("UPDATE keys SET refused = refused + 1, last_seen=? WHERE id=?", (now, key_id))
+        return refusal
+
+    def precheck(self, key_id: int, rows: int) -> Decision:
+        """Would the key afford `rows` now? A read without the write lock, so that a request its key cannot pay for
+        never reaches the model; `charge` decides for good once the answer exists."""
+        now = time.time()
+        with self._lock:
+            row = self.conn().execute(KEY_STATE, (key_id,)).fetchone()
+        refusal, _ = self._assess(row, rows, now)
+        if refusal is None:
+            return Decision(True, key_id=key_id)
+        return self._tx(lambda conn: self._refuse(conn, key_id, refusal, now))
+
     def charge(self, key_id: int | None, rows: int, endpoint: str, digest: str) -> Decision:
-        """Check budget and rate and charge `rows` to the key, atomically; record the batch."""
+        """Check budget and rate and charge `rows` to the key, atomically; record the batch.
+
+        The guard calls it when the answer is ready and before it is sent, so rows are billed only for answers
+        that exist, and a concurrent burst cannot overspend (the check and the charge share one transaction)."""
         now = time.time()
 
         def run(conn) -> Decision:
-            if key_id is None:
-                cur = conn.execute("INSERT INTO batches (key_id, ts, endpoint, rows, digest) VALUES (NULL, ?, ?, ?, ?)",
-                                   (now, endpoint, rows, digest))
-                return Decision(True, batch_id=cur.lastrowid)
-            row = conn.execute("SELECT row_budget, rate_rows_per_min, tokens, tokens_ts, rows_served, revoked "
-                               "FROM keys WHERE id=?", (key_id,)).fetchone()
-            if row is None or row[5] is not None:
-                return Decision(False, 401, "unauthorized", "the API key was revoked")
-            budget, rate, tokens, tokens_ts, served, _ = row
-            if budget is not None and served + rows > budget:
-                conn.execute("UPDATE keys SET refused = refused + 1, last_seen=? WHERE id=?", (now, key_id))
-                left = max(0, budget - served)
-                return Decision(False, 429, "over_budget",
-                                f"this request has {rows} rows; the key's budget has {left} of {budget} rows left")
-            new_tokens = None
-            if rate is not None:
-                capacity = rate
-                tokens = capacity if tokens is None else min(capacity, tokens + (now - (tokens_ts or now)) * rate / 60)
-                if rows > capacity:
-                    conn.execute("UPDATE keys SET refused = refused + 1, last_seen=? WHERE id=?", (now, key_id))
-                    return Decision(False, 429, "over_rate",
-                                    f"{rows} rows in one request exceed the key's rate of {rate:g} rows per minute; "
-                                    "send smaller batches")
-                if tokens < rows:
-                    wait = math.ceil((rows - tokens) * 60 / rate)
-                    conn.execute("UPDATE keys SET refused = refused + 1, last_seen=?, tokens=?, tokens_ts=? WHERE id=?",
-                                 (now, tokens, now, key_id))
-                    return Decision(False, 429, "over_rate",
-                                    f"rate limit of {rate:g} rows per minute reached; retry in {wait} s",
-                                    retry_after=max(1, wait))
-                new_tokens = tokens - rows
-            conn.execute("UPDATE keys SET rows_served = rows_served + ?, requests = requests + 1,"
-                         " first_seen = COALESCE(first_seen, ?), last_seen = ?, tokens = COALESCE(?, tokens),"
-                         " tokens_ts = ? WHERE id=?", (rows, now, now, new_tokens, now, key_id))
+            if key_id is not None:
+                refusal, tokens = self._assess(conn.execute(KEY_STATE, (key_id,)).fetchone(), rows, now)
+                if refusal is not None:
+                    return self._refuse(conn, key_id, refusal, now)
+                conn.execute("UPDATE keys SET rows_served = rows_served + ?, requests = requests + 1,"
+                             " first_seen = COALESCE(first_seen, ?), last_seen = ?, tokens = COALESCE(?, tokens),"
+                             " tokens_ts = ? WHERE id=?", (rows, now, now, tokens, now, key_id))
             cur = conn.execute("INSERT INTO batches (key_id, ts, endpoint, rows, digest) VALUES (?, ?, ?, ?, ?)",
                                (key_id, now, endpoint, rows, digest))
             return Decision(True, batch_id=cur.lastrowid, key_id=key_id)
@@ -200,7 +255,7 @@ class Ledger:
         return self._tx(run)
 
     def refund(self, decision: Decision, rows: int) -> None:
-        """Undo a charge whose request was not served (the model refused the input or failed)."""
+        """Undo a charge whose answer could not be delivered (sending it failed)."""
         def run(conn):
             conn.execute("DELETE FROM batches WHERE id=?", (decision.batch_id,))
             if decision.key_id is not None:

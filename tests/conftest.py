@@ -45,3 +45,21 @@ def digits_cmim_model(tmp_path_factory) -> Path:
     run_cli("train", "--mode", "cmim", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", str(base / "run"))
     run_cli("export", str(base / "run"), "--out", str(base / "model"))
     return base
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The digits model the serving tests serve (protect train + protect export: cnn-tiny, 1 epoch)."""
+    from serving_server import make_digits_model
+
+    return make_digits_model(tmp_path_factory.mktemp("serving_model"))
+
+
+@pytest.fixture(scope="session")
+def digits_x():
+    """The digits test split, float32 (N, 1, 8, 8) in [0, 1]."""
+    import numpy as np
+
+    from protect.data import load_dataset
+
+    return load_dataset("digits", None).test_x.numpy().astype(np.float32)

@@ -1,21 +1,18 @@
-"""Test helpers for serving: a digits model made by the real pipeline, and a real `bentoml serve`
-subprocess on a free loopback port."""
+"""Test helpers for serving: a digits model made by the real pipeline, the settings and key CLI the tests use,
+and the one error shape. The real `bentoml serve` on a free loopback port is serving.launcher.Server."""
 from __future__ import annotations
 
-import io
+import json
 import os
-import signal
-import socket
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
+from serving.launcher import BENTOML, ROOT, Server  # noqa: F401  (re-exported for the tests)
+from serving.runtime import to_npy as npy  # noqa: F401
 
 
 def make_digits_model(base: Path) -> Path:
@@ -30,68 +27,60 @@ def make_digits_model(base: Path) -> Path:
     return base / "model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_ROWS = 6000
+MAX_BODY = 4 << 20
 
 
-def npy(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
+def settings(model_dir: Path, tmp: Path, **extra) -> dict[str, str]:
+    """UNDISTILLABLE_* of a test server: the keys database in `tmp`, small limits, and `extra` by short name."""
+    return {"UNDISTILLABLE_MODEL_DIR": str(model_dir), "UNDISTILLABLE_KEYS_DB": str(tmp / "keys.sqlite"),
+            "UNDISTILLABLE_MAX_ROWS": str(MAX_ROWS), "UNDISTILLABLE_MAX_BODY_BYTES": str(MAX_BODY),
+            **{f"UNDISTILLABLE_{k.upper()}": str(v) for k, v in extra.items()}}
 
 
-class Server:
-    """`bentoml serve serving.service:Undistillable` with UNDISTILLABLE_* settings, on 127.0.0.1."""
+def assert_error(response: httpx.Response, status: int | tuple, code: str | None = None) -> dict:
+    """The response has one of `status` and the one error shape {"error", "detail"} (with `code` when given)."""
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, (response.status_code, response.text[:500])
+    body = response.json()
+    assert set(body) == {"error", "detail"} and isinstance(body["error"], str) and isinstance(body["detail"], str), body
+    if code is not None:
+        assert body["error"] == code, body
+    return body
 
-    def __init__(self, env: dict[str, str | None], log: Path, target: str = "serving.service:Undistillable",
-                 cwd: Path = ROOT):
-        self.env, self.log, self.target, self.cwd = env, log, target, cwd
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+def keys_cli(db: Path, *args: str) -> str:
+    """`python -m serving.keys --db DB ARGS...`, which must succeed; its stdout."""
+    proc = subprocess.run([sys.executable, "-m", "serving.keys", "--db", str(db), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
-    def start(self, timeout: float = 120) -> "Server":
-        self.port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BENTOML_DO_NOT_TRACK": "true",
-               "UNDISTILLABLE_ORT_THREADS": "1", **self.env}
-        env = {k: v for k, v in env.items() if v is not None}
-        self._fh = open(self.log, "ab")
-        self.proc = subprocess.Popen([BENTOML, "serve", self.target, "--host", "127.0.0.1",
-                                      "--port", str(self.port)], cwd=self.cwd, env=env, stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{self.log_text()[-3000:]}")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc = None
-        if getattr(self, "_fh", None):
-            self._fh.close()
+def usage(db: Path, name: str) -> dict:
+    return next(k for k in json.loads(keys_cli(db, "list", "--json")) if k["name"] == name)
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def client(self, key: str | None = None, **kw) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)
+def fuzz_openapi(url: str, tmp: Path, *options: str) -> str:
+    """schemathesis over `url`/docs.json, bounded (60 examples per operation, fixed seed): every check but the two
+    that judge request data, since a JSON schema cannot say that images are 8×8 or what an .npy file is. Fails the
+    test on any finding; returns the report."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/docs.json", "--checks", "all",
+         "--exclude-checks", "positive_data_acceptance,negative_data_rejection", *options, "--max-examples", "60",
+         "--seed", "1", "--workers", "2", "--request-timeout", "30", "--phases", "examples,coverage,fuzzing",
+         "--suppress-health-check", "all", "--generation-database", "none", "--no-color"],
+        cwd=tmp, capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    generated = re.search(r"(\d+) generated", out)
+    assert generated and int(generated.group(1)) >= 200, out[-2000:]
+    return out
+
+
+def serve_until_exit(env: dict[str, str]) -> tuple[int, str]:
+    """`bentoml serve` expected to refuse to start: its exit status and output."""
+    proc = subprocess.run([BENTOML, "serve", "serving.service:Undistillable", "--host", "127.0.0.1", "--port", "0"],
+                          cwd=ROOT, env={**os.environ, **env, "BENTOML_DO_NOT_TRACK": "true"}, capture_output=True,
+                          text=True, timeout=180)
+    return proc.returncode, proc.stdout + proc.stderr

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 from tests.conftest import run_cli
 
@@ -51,3 +53,20 @@ def test_ablation_benchmark_reuses_finished_work(tmp_path):
     assert (tmp_path / "work" / "digits" / "reports" / "ce" / "students.jsonl").read_text() == students
     second = json.loads((tmp_path / "out" / "ablation-digits.json").read_text())
     assert {n: v["audit"] for n, v in second["variants"].items()} == {n: v["audit"] for n, v in first["variants"].items()}
+
+
+def test_serving_benchmark_measures_the_service_against_a_bare_baseline(model_dir, tmp_path):
+    out = tmp_path / "serving.json"
+    run_cli("-m", "bench.serving", "--model-dir", str(model_dir), "--rounds", "2", "--requests", "40", "--batch", "64",
+            "--batches-per-round", "2", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["command"] == (f"python -m bench.serving --model-dir {model_dir} --rounds 2 --requests 40 --batch 64 "
+                                 f"--batches-per-round 2 --out {out}")
+    for field in ("single_c8_vs_bare", "single_c8_p99_over_p50"):
+        assert math.isfinite(result[field]) and result[field] > 0, field
+    c8 = result["single_image"]["c8"]
+    assert c8["service"]["requests"] == c8["bare"]["requests"] == 2 * 40 and len(c8["vs_bare_per_round"]) == 2
+    assert result["single_c8_vs_bare"] == statistics.median(c8["vs_bare_per_round"])
+    assert result["no_5xx"] and "keys required" in result["server"]["keys"]
+    md = out.with_suffix(".md").read_text()
+    assert result["command"] in md and "bare Starlette" in md

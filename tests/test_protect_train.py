@@ -176,3 +176,15 @@ def test_existing_run_is_not_overwritten_without_resume(digits_ce_run):
     proc = run_cli("train", "--mode", "ce", "--dataset", "digits", "--out", str(digits_ce_run), check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     assert (digits_ce_run / "metrics.jsonl").read_text() == before
+
+
+def test_teacher_and_cli_do_not_import_each_other():
+    """protect/teacher.py takes its defaults and usage error from protect/defaults.py; the CLI re-exports them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, protect.teacher; assert 'protect.cli' not in sys.modules, 'protect.teacher imports protect.cli'; "
+            "import protect.cli, protect.defaults as d; "
+            "assert protect.cli.DATASET_DEFAULTS is d.DATASET_DEFAULTS and protect.cli.UsageError is d.UsageError")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -9,32 +9,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from serving_server import BENTOML, ROOT, Server, make_digits_model, npy
+from serving_server import (BENTOML, MAX_BODY, MAX_ROWS, ROOT, Server, assert_error, fuzz_openapi, keys_cli, npy,
+                            serve_until_exit, settings, usage)
 
 pytestmark = pytest.mark.slow
-MAX_ROWS = 6000
-MAX_BODY = 4 << 20
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_digits_model(tmp_path_factory.mktemp("serving_model"))
-
-
-@pytest.fixture(scope="module")
-def digits_x() -> np.ndarray:
-    from protect.data import load_dataset
-
-    return load_dataset("digits", None).test_x.numpy().astype(np.float32)
 
 
 def reference_probs(model_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -46,16 +31,10 @@ def reference_probs(model_dir: Path, x: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(OnnxPredictor(model_dir).logits(x)), 1).numpy()
 
 
-def settings(model_dir: Path, tmp: Path, **extra) -> dict[str, str]:
-    return {"UNDISTILLABLE_MODEL_DIR": str(model_dir), "UNDISTILLABLE_KEYS_DB": str(tmp / "keys.sqlite"),
-            "UNDISTILLABLE_MAX_ROWS": str(MAX_ROWS), "UNDISTILLABLE_MAX_BODY_BYTES": str(MAX_BODY),
-            **{f"UNDISTILLABLE_{k.upper()}": str(v) for k, v in extra.items()}}
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("open_server")
-    srv = Server(settings(model_dir, tmp), tmp / "serve.log").start()
+    srv = Server(settings(model_dir, tmp, require_keys="off"), tmp / "serve.log").start()
     yield srv
     srv.stop()
 
@@ -67,16 +46,6 @@ def png(arr01: np.ndarray, fmt: str = "PNG", size: int | None = None) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def assert_error(response: httpx.Response, status: int | tuple, code: str | None = None) -> dict:
-    statuses = status if isinstance(status, tuple) else (status,)
-    assert response.status_code in statuses, (response.status_code, response.text[:500])
-    body = response.json()
-    assert set(body) == {"error", "detail"} and isinstance(body["error"], str) and isinstance(body["detail"], str), body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
 
 
 # ---------------------------------------------------------------------------- the open service
@@ -95,6 +64,18 @@ def test_metadata_matches_card_and_contract(server, model_dir):
     assert meta["mode"] == "ce" and meta["output_policy"] == {"kind": "probs", "k": None, "decimals": None}
     assert meta["max_batch_rows"] == MAX_ROWS and meta["keys_required"] is False
     assert "running OPEN" in server.log_text()
+
+
+def test_workers_do_not_load_torch(server):
+    """torch in a worker costs it about 600 MB and makes each full garbage collection, which stalls every request
+    the worker holds, four times longer."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert workers
+    for p in workers:
+        assert "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text(), "a serving worker imported torch"
 
 
 def test_probabilities_equal_onnx_eval_on_every_endpoint(server, model_dir, digits_x):
@@ -240,19 +221,9 @@ def test_openapi_spec_describes_every_route(server):
 
 
 def test_fuzzing_the_openapi_spec_finds_no_server_error(server, digits_x, tmp_path):
-    """schemathesis: a bounded property-based run over every operation of /docs.json; no 5xx."""
-    exe = str(Path(sys.executable).with_name("schemathesis"))
-    proc = subprocess.run(
-        [exe, "run", f"{server.url}/docs.json", "--checks", "not_a_server_error", "--max-examples", "60",
-         "--seed", "1", "--workers", "2", "--request-timeout", "30", "--phases", "examples,coverage,fuzzing",
-         "--suppress-health-check", "all", "--generation-database", "none", "--no-color"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    import re
-
-    generated = re.search(r"(\d+) generated", out)
-    assert generated and int(generated.group(1)) >= 200, out[-2000:]
+    """schemathesis: a bounded property-based run over every operation of /docs.json; no 5xx, and every answer
+    matches the spec (status, content type, headers, schema)."""
+    fuzz_openapi(server.url, tmp_path)
     with server.client() as c:
         assert c.post("/predict_npy", content=npy(digits_x[:2])).status_code == 200
     assert "(status=5" not in server.log_text(), "the access log shows a 5xx"
@@ -262,7 +233,7 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error(server, digits_x, tmp_pa
 
 @pytest.mark.parametrize("policy", ["topk", "label"])
 def test_output_policy(policy, model_dir, digits_x, tmp_path):
-    extra = {"output_policy": policy} | ({"decimals": 2} if policy == "topk" else {})  # k defaults to 3
+    extra = {"output_policy": policy, "require_keys": "off"} | ({"decimals": 2} if policy == "topk" else {})  # k: 3
     srv = Server(settings(model_dir, tmp_path, **extra), tmp_path / "serve.log").start()
     x = digits_x[:40]
     ref = reference_probs(model_dir, x)
@@ -299,17 +270,6 @@ def test_output_policy(policy, model_dir, digits_x, tmp_path):
 
 
 # ---------------------------------------------------------------------------- keys, budgets, ledger
-
-def keys_cli(db: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "serving.keys", "--db", str(db), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def usage(db: Path, name: str) -> dict:
-    return next(k for k in json.loads(keys_cli(db, "list", "--json")) if k["name"] == name)
-
 
 @pytest.fixture(scope="module")
 def keyed(model_dir, tmp_path_factory):
@@ -450,11 +410,8 @@ def test_refuses_to_start_on_a_bad_model_dir(damage, model_dir, tmp_path):
             fh.write(b"\0")
     else:
         (bad / "model.onnx").unlink()
-    env = {**os.environ, **settings(bad, tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
-    proc = subprocess.run([BENTOML, "serve", "serving.service:Undistillable", "--host", "127.0.0.1", "--port", "0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    status, out = serve_until_exit(settings(bad, tmp_path, require_keys="off"))
+    assert status != 0
     assert "refusing to start" in out
     assert ("does not match the card" if damage == "tampered" else "no model.onnx") in out
 
@@ -480,7 +437,7 @@ def test_bentoml_build_includes_the_model(model_dir, tmp_path):
     assert (bento_src / "serving" / "service.py").exists() and (bento_src / "protect" / "card.py").exists()
     assert (bento_src / "models/default/model.json").exists()
     # the bento serves its packed model: no UNDISTILLABLE_MODEL_DIR, started outside the project
-    srv = Server({"BENTOML_HOME": str(home), "UNDISTILLABLE_MODEL_DIR": None,
+    srv = Server({"BENTOML_HOME": str(home), "UNDISTILLABLE_MODEL_DIR": None, "UNDISTILLABLE_REQUIRE_KEYS": "off",
                   "UNDISTILLABLE_KEYS_DB": str(tmp_path / "keys.sqlite")}, tmp_path / "serve.log",
                  target="undistillable:latest", cwd=tmp_path).start()
     try:

@@ -1,0 +1,17 @@
+"""What both the CLI and the training assembly need: per-dataset defaults and the usage error.
+
+A module of its own so that protect/cli.py and protect/teacher.py import it instead of each other.
+"""
+from __future__ import annotations
+
+DATASET_DEFAULTS: dict[str, dict] = {
+    "fashion-mnist": {"arch": "cnn-medium", "epochs": 10, "lr": 0.05, "batch_size": 128},
+    "digits": {"arch": "cnn-small", "epochs": 20, "lr": 0.05, "batch_size": 64},
+    "cifar10": {"arch": "resnet20", "epochs": 100, "lr": 0.1, "batch_size": 128},
+    "cifar100": {"arch": "resnet20", "epochs": 100, "lr": 0.1, "batch_size": 128},
+    "imagefolder": {"arch": "cnn-small", "epochs": 30, "lr": 0.05, "batch_size": 64},
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as is, exit status 2."""
