@@ -49,8 +49,10 @@ def test_mcmi_fine_tunes_a_ce_teacher_and_raises_cmi(digits_ce_run, tmp_path):
         assert json.loads(proc.stdout)["test_accuracy"] > CHANCE + 0.5
         return out
 
-    control, mcmi = fine_tune("0"), fine_tune("0.8")
-    assert _metrics(mcmi)[-1]["test_cmi"]["1"] > 1.1 * _metrics(control)[-1]["test_cmi"]["1"]
+    # λ = 2 raises CMI_1 3.1-3.8× over the control for CE teachers of seeds 0-2 (λ = 0.8: only 1.07-1.21×, too
+    # close to any threshold for a test).
+    control, mcmi = fine_tune("0"), fine_tune("2")
+    assert _metrics(mcmi)[-1]["test_cmi"]["1"] > 1.5 * _metrics(control)[-1]["test_cmi"]["1"]
     assert "loss_cmi" in _metrics(mcmi)[-1] and _metrics(mcmi)[-1]["loss_cmi"] < 0
 
 
