@@ -41,6 +41,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_WARMUP
     from protect.data import DATASETS
     from protect.models import ARCHS
     from protect.objectives import OBJECTIVES
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (data is in memory)")
     c = t.add_argument_group("cmim / mcmi")
-    c.add_argument("--lam", type=float, help="λ: CMI weight (cmim default 20, mcmi default 0.25)")
+    c.add_argument("--lam", type=float, help=f"λ: CMI weight (cmim default {CMIM_DEFAULT_LAMBDA:g}, mcmi default 0.25)")
     c.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0],
                    help="cmim temperature grid, comma-separated (default 1,2,4,8,16)")
     c.add_argument("--aggregator", default="mean", choices=["mean", "max", "softmax"],
@@ -81,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weighting", default="1", choices=["1", "T2"], help="w(T): 1 or T² (keeps high T from vanishing)")
     c.add_argument("--centroid-momentum", type=float, default=0.9, help="EMA momentum of the class centroids")
     c.add_argument("--exact-centroids", action="store_true", help="recompute exact class centroids at each epoch start")
-    c.add_argument("--lam-warmup", type=float, default=0.0,
-                   help="cmim: ramp λ linearly from 0 over this fraction of the epochs (default 0: full λ from the start)")
+    c.add_argument("--lam-warmup", type=float, default=CMIM_DEFAULT_WARMUP,
+                   help=f"cmim: ramp λ linearly from 0 over this fraction of the epochs (default {CMIM_DEFAULT_WARMUP:g}; "
+                        "0: full λ from the start)")
     c.add_argument("--init", type=Path, help="mcmi: run directory of the trained teacher to fine-tune")
     n = t.add_argument_group("nasty / ls")
     n.add_argument("--reference", type=Path, help="nasty: run directory of a CE-trained reference model")

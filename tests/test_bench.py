@@ -46,8 +46,9 @@ def test_ablation_benchmark_reuses_finished_work(tmp_path):
     run_cli(*args)
     first = json.loads((tmp_path / "out" / "ablation-digits.json").read_text())
     assert set(first["variants"]) == {"ce", "cmim-lam20-max"}
-    assert first["variants"]["cmim-lam20-max"]["flags"] == ["--lam", "20", "--aggregator", "max"]
-    assert first["variants"]["cmim-lam20-max"]["teacher"]["options"]["aggregator"] == "max"
+    assert first["variants"]["cmim-lam20-max"]["flags"] == ["--lam", "20", "--aggregator", "max", "--lam-warmup", "0"]
+    options = first["variants"]["cmim-lam20-max"]["teacher"]["options"]
+    assert options["aggregator"] == "max" and options["lam_warmup"] == 0
     students = (tmp_path / "work" / "digits" / "reports" / "ce" / "students.jsonl").read_text()
     run_cli(*args)  # everything reused: no student trained twice, same numbers
     assert (tmp_path / "work" / "digits" / "reports" / "ce" / "students.jsonl").read_text() == students

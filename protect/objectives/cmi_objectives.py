@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from protect.cmi import CMIM_DEFAULT_LAMBDA, Aggregator, CMIMLoss, MCMILoss, Weighting
+from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_WARMUP, Aggregator, CMIMLoss, MCMILoss, Weighting
 from protect.objectives.base import Objective
 
 
@@ -47,7 +47,7 @@ class CMIObjective(Objective):
 
 def cmim(num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
          aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
-         exact_pass: bool = False, lam_warmup: float = 0.0) -> CMIObjective:
+         exact_pass: bool = False, lam_warmup: float = CMIM_DEFAULT_WARMUP) -> CMIObjective:
     return CMIObjective(CMIMLoss(num_classes, lam, temperatures, aggregator, weighting, momentum), exact_pass,
                         lam_warmup)
 
