@@ -1,5 +1,6 @@
 """How fast the audit trains students (issue 9), side by side in one run on the same model, data, batch size and
-threads: (a) a bare 20-line PyTorch loop over in-memory tensors, (b) the audit's student path
+threads: (a) a bare 20-line PyTorch loop over in-memory tensors (and (a') the same on one thread, to show how far
+one student already uses the cores), (b) the audit's student path
 (`audit.students.run_students`: protect's `fit`, a validation pass per epoch, the test split once) with one job,
 (c) the same with two jobs (worker processes, cores ÷ 2 threads each). Rounds are interleaved and medians reported:
 the machine is shared. Results: bench/results/audit-speed.{json,md}.
@@ -93,12 +94,14 @@ def main() -> None:
     started = time.time()
     cores = len(os.sched_getaffinity(0))
     data = student_data(args.dataset, args.rows, args.student)
-    times: dict[str, list[float]] = {"bare": [], "jobs1": [], "jobs2": []}
+    times: dict[str, list[float]] = {"bare": [], "bare_1thread": [], "jobs1": [], "jobs2": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            for threads, name in ((cores, "bare"), (1, "bare_1thread")):
+                torch.set_num_threads(threads)
+                times[name].append(timed(lambda: [bare_loop(data, args.epochs, args.lr, args.batch_size, s)
+                                                  for s in range(args.students)]))
             torch.set_num_threads(cores)
-            times["bare"].append(timed(lambda: [bare_loop(data, args.epochs, args.lr, args.batch_size, s)
-                                                for s in range(args.students)]))
             for jobs, name in ((1, "jobs1"), (2, "jobs2")):
                 tasks = student_tasks(args.epochs, args.lr, args.batch_size, args.students, f"{name}-{r}")
                 times[name].append(timed(lambda: run_students(tasks, data, lambda rec: [], jobs=jobs,
@@ -111,6 +114,8 @@ def main() -> None:
               "seconds_per_round": times,
               "vs_bare_loop": round(per_hour["jobs1"] / per_hour["bare"], 3),
               "parallel_speedup": round(per_hour["jobs2"] / per_hour["jobs1"], 3),
+              # how well one student uses the cores by itself: what jobs can add on top is at most its inverse
+              "bare_thread_scaling": round(per_hour["bare"] / per_hour["bare_1thread"], 3),
               "targets": {"vs_bare_loop": 0.85, "parallel_speedup": 1.6},
               "setup": {"rows": args.rows, "train_rows": len(data.train_y), "val_rows": len(data.val_y),
                         "student": args.student, "epochs": args.epochs, "students": args.students,
@@ -134,11 +139,13 @@ def markdown(r: dict) -> str:
         f"{len(r['seconds_per_round']['bare'])} interleaved rounds.", "",
         "| path | threads | median seconds | students per hour |", "|---|---|---|---|",
         f"| (a) bare PyTorch loop | {s['threads']['bare']} | {med['bare']:.1f} | {ph['bare']:.0f} |",
+        f"| (a') bare PyTorch loop, one thread | 1 | {med['bare_1thread']:.1f} | {ph['bare_1thread']:.0f} |",
         f"| (b) audit students, --jobs 1 | {s['threads']['jobs1']} | {med['jobs1']:.1f} | {ph['jobs1']:.0f} |",
         f"| (c) audit students, --jobs 2 | {s['threads']['jobs2']} per job | {med['jobs2']:.1f} | {ph['jobs2']:.0f} |",
         "", "| ratio | measured | target |", "|---|---|---|",
         f"| vs_bare_loop (b ÷ a) | {r['vs_bare_loop']:.2f} | ≥ {r['targets']['vs_bare_loop']} |",
-        f"| parallel_speedup (c ÷ b) | {r['parallel_speedup']:.2f} | ≥ {r['targets']['parallel_speedup']} |", ""])
+        f"| parallel_speedup (c ÷ b) | {r['parallel_speedup']:.2f} | ≥ {r['targets']['parallel_speedup']} |",
+        f"| bare loop, {s['threads']['bare']} threads ÷ 1 thread | {r['bare_thread_scaling']:.2f} | (context) |", ""])
 
 
 if __name__ == "__main__":
