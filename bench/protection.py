@@ -274,18 +274,25 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {100 * t['test_accuracy']:.2f} | {t['ece']:.4f} | {t['mean_top_probability']:.3f} | "
                      f"{t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {t['cmi']['16']:.5f} | {ls} | "
                      f"**{a['outcome']}** | {best} | {up} |")
+    trained = {row["teacher"].get("trained_on", "unknown") for row in rows.values()}
+    lines += ["", "Teachers trained on: " + "; ".join(sorted(trained)) + "."]
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
+    lines += family_table(rows)
+    lines += ["", "## Statements", ""] + [f"- **{n}**: {row['audit']['statement']}" for n, row in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def family_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown lines: every family's Δ and upper bound per row, and KD's choice on validation."""
     names = list(dict.fromkeys(f for row in rows.values() for f in row["audit"]["families"]))
-    lines += ["", "## Δ per attack family (points: mean over seeds, one-sided 95% upper bound; the family's choice "
-              "on validation in the row below)", "",
-              "| family | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    lines = ["", "## Δ per attack family (points: mean over seeds, one-sided 95% upper bound; ✱ = significantly "
+             "above 0 after Holm; the KD point chosen on validation in the last row)", "",
+             "| family | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(_cell(row["audit"]["families"].get(n)) for row in rows.values()) + " |")
     kd = [row["audit"]["families"].get("kd", {}).get("selected") or "–" for row in rows.values()]
-    lines.append("| kd choice | " + " | ".join(kd) + " |")
-    lines += ["", "## Statements", ""] + [f"- **{n}**: {row['audit']['statement']}" for n, row in rows.items()]
-    return "\n".join(lines) + "\n"
+    return lines + ["| kd choice | " + " | ".join(kd) + " |"]
 
 
 def add_scale_args(p: argparse.ArgumentParser, **defaults) -> None:
