@@ -183,14 +183,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     not_run = {v.family: "the endpoint answers labels only; this attack needs soft outputs"
                for v in variants if v not in runnable}
 
-    train_idx, val_idx = validation_split(rows, settings.val_fraction)
-    labels_logp = recover_logp(np.eye(splits.num_classes, dtype=np.float32)[y.numpy()], settings.floor).logp
-    x = splits.normalise(splits.train_x)
-    data = StudentData(train_x=x[train_idx], train_y=y[train_idx], teacher_logp=recovery.logp[train_idx],
-                       labels_logp=labels_logp[train_idx], val_x=x[val_idx], val_y=y[val_idx],
-                       val_teacher_logp=recovery.logp[val_idx], val_labels_logp=labels_logp[val_idx],
-                       test_x=splits.normalise(splits.test_x), test_y=splits.test_y,
-                       num_classes=splits.num_classes, student=settings.student, augment=splits.augment)
+    data = student_data(splits, recovery.logp, settings)
     families = group_families(references, runnable)
     train_cfg = asdict(TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
                                    schedule=STUDENT_SCHEDULE, device=settings.device))
@@ -199,13 +192,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     plan = StudentPlan(families, identity, train_cfg, settings.patience, settings.selection_seeds,
                        settings.label_controls, out, reference_identity={**settings.training_key(), "transfer": transfer},
                        reference_dir=Path(settings.references) if settings.references else None)
-    stores = {out / STUDENTS} | ({plan.reference_dir / STUDENTS} if plan.reference_dir else set())
-    for path in stores:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        plan.store.update(_read_students(path))
-        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with open(path, "a") as fh:  # a line cut short by a kill: start the next one on a line of its own
-                fh.write("\n")
+    _open_stores(plan, out)
     jobs = settings.jobs or default_jobs(settings.device)
     looks = settings.looks()
     alpha_look = settings.alpha / len(looks)
@@ -240,13 +227,38 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
         if decision.outcome != "inconclusive":
             break
 
-    report = build_report(settings, info, splits.name, rows, len(train_idx), len(val_idx), asked, cached_before,
+    report = build_report(settings, info, splits.name, rows, len(data.train_y), len(data.val_y), asked, cached_before,
                           cache.counters, recovery.summary(), teacher, plan, not_run, seeds, looks, alpha_look,
                           decision, interrupted, jobs, deaths, {v.family for v in variants})
     from audit.report import write_report
 
     write_report(report, out)  # report.json, report.md, report.html
     return report
+
+
+def student_data(splits, teacher_logp: torch.Tensor, settings: AuditSettings) -> StudentData:
+    """The students' tensors: the transfer rows split into training and validation parts, the oracle's answers and
+    one-hot labels (for label-only controls) as log-probabilities, and the normalised test split."""
+    y = splits.train_y
+    train_idx, val_idx = validation_split(len(y), settings.val_fraction)
+    labels_logp = recover_logp(np.eye(splits.num_classes, dtype=np.float32)[y.numpy()], settings.floor).logp
+    x = splits.normalise(splits.train_x)
+    return StudentData(train_x=x[train_idx], train_y=y[train_idx], teacher_logp=teacher_logp[train_idx],
+                       labels_logp=labels_logp[train_idx], val_x=x[val_idx], val_y=y[val_idx],
+                       val_teacher_logp=teacher_logp[val_idx], val_labels_logp=labels_logp[val_idx],
+                       test_x=splits.normalise(splits.test_x), test_y=splits.test_y,
+                       num_classes=splits.num_classes, student=settings.student, augment=splits.augment)
+
+
+def _open_stores(plan: StudentPlan, out: Path) -> None:
+    """Load the students trained before (this audit's store, and the shared references' if any)."""
+    stores = {out / STUDENTS} | ({plan.reference_dir / STUDENTS} if plan.reference_dir else set())
+    for path in stores:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plan.store.update(_read_students(path))
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as fh:  # a line cut short by a kill: start the next one on a line of its own
+                fh.write("\n")
 
 
 def _teacher_summary(recovery, y: torch.Tensor, info, num_classes: int) -> dict:

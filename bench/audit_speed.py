@@ -25,21 +25,17 @@ from bench.protection import provenance
 
 
 def student_data(dataset: str, rows: int, student: str):
-    from audit.recover import recover_logp
-    from audit.runner import validation_split
-    from audit.students import StudentData
-    from protect.data import load_dataset
-
+    """The audit's student tensors for a label-only 'teacher' (one-hot answers): the cost does not depend on it."""
     import numpy as np
 
+    from audit.recover import recover_logp
+    from audit.runner import AuditSettings
+    from audit.runner import student_data as build
+    from protect.data import load_dataset
+
     splits = load_dataset(dataset).subset_train(rows)
-    x, y = splits.normalise(splits.train_x), splits.train_y
-    tr, val = validation_split(len(y), 0.1)
-    logp = recover_logp(np.eye(splits.num_classes, dtype=np.float32)[y.numpy()]).logp
-    return StudentData(train_x=x[tr], train_y=y[tr], teacher_logp=logp[tr], labels_logp=logp[tr], val_x=x[val],
-                       val_y=y[val], val_teacher_logp=logp[val], val_labels_logp=logp[val],
-                       test_x=splits.normalise(splits.test_x), test_y=splits.test_y, num_classes=splits.num_classes,
-                       student=student)
+    logp = recover_logp(np.eye(splits.num_classes, dtype=np.float32)[splits.train_y.numpy()]).logp
+    return build(splits, logp, AuditSettings(dataset=dataset, out=Path("."), student=student))
 
 
 def bare_loop(data, epochs: int, lr: float, batch: int, seed: int) -> None:
