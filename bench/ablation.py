@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.protection import (add_scale_args, audit_cells, family_table, produce_rows, provenance, resolve_scale,
-                             teacher_spec, timing_line)
+                             teacher_spec, timing_line, trained_line)
 
 # name -> protect-train flags ("ce" is the undefended reference row).
 VARIANTS: dict[str, list[str]] = {
@@ -57,9 +57,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | `{' '.join(row['flags']) or '--mode ce'}` | {100 * t['test_accuracy']:.2f} | {dacc} | "
                      f"{t['ece']:.4f} | {t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {ls} | {up} | {best} | "
                      f"{a['outcome']} |")
-    trained = {row["teacher"].get("trained_on", "unknown") for row in rows.values()}
-    lines += ["", "Teachers trained on: " + "; ".join(sorted(trained)) + "."]
-    lines += family_table(rows)
+    lines += trained_line(rows) + family_table(rows)
     return "\n".join(lines) + "\n"
 
 

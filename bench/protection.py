@@ -274,13 +274,17 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {100 * t['test_accuracy']:.2f} | {t['ece']:.4f} | {t['mean_top_probability']:.3f} | "
                      f"{t['cmi']['1']:.4f} | {t['cmi']['4']:.4f} | {t['cmi']['16']:.5f} | {ls} | "
                      f"**{a['outcome']}** | {best} | {up} |")
-    trained = {row["teacher"].get("trained_on", "unknown") for row in rows.values()}
-    lines += ["", "Teachers trained on: " + "; ".join(sorted(trained)) + "."]
+    lines += trained_line(rows)
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
     lines += family_table(rows)
     lines += ["", "## Statements", ""] + [f"- **{n}**: {row['audit']['statement']}" for n, row in rows.items()]
     return "\n".join(lines) + "\n"
+
+
+def trained_line(rows: dict[str, dict]) -> list[str]:
+    trained = {row["teacher"].get("trained_on", "unknown") for row in rows.values()}
+    return ["", "Teachers trained on: " + "; ".join(sorted(trained)) + "."]
 
 
 def family_table(rows: dict[str, dict]) -> list[str]:
