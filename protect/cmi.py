@@ -213,8 +213,10 @@ def aggregate(terms: Tensor, temperatures: Sequence[float], aggregator: Aggregat
 
 
 # Chosen by bench/ablation.py at the converged regime (bench/results/ablation-fashion-mnist.md): λ 40 with λ ramped
-# in over the first 30% of the epochs (CMIObjective's warm-up) was undistillable against the strongest families at
-# the accuracy of CE; λ 20 without warm-up was more accurate but inconclusive (KD's upper bound +0.69 points).
+# in over the first 30% of the epochs (CMIObjective's warm-up) was undistillable against its four families (kd,
+# hard-label, logit-std, dkd) at the accuracy of CE; λ 20 without warm-up was more accurate but inconclusive (KD's
+# upper bound +0.69 points). Against the whole battery it is inconclusive (calibrated-kd, logit-mse:
+# bench/results/protection-fashion-mnist.md), so this default is the best measured point, not a guarantee.
 CMIM_DEFAULT_LAMBDA = 40.0
 CMIM_DEFAULT_WARMUP = 0.3
 
