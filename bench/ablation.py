@@ -33,6 +33,18 @@ VARIANTS: dict[str, list[str]] = {
     "cmim-lam40-T0.5-16": ["--lam", "40", "--temperatures", "0.5,1,2,4,8,16"],
     "cmim-lam2-T2": ["--lam", "2", "--weighting", "T2", "--lam-warmup", "0"],
     "cmim-lam40-exact": ["--lam", "40", "--exact-centroids"],
+    # T < 1 in the grid: the attacker's recalibration (calibrated-kd) sharpens a CMIM teacher to τ ≈ 0.2
+    "cmim-lam20-T0.25-16-warm": ["--lam", "20", "--lam-warmup", "0.3", "--temperatures", "0.25,0.5,1,2,4,8,16"],
+    "cmim-lam40-T0.25-16-warm": ["--lam", "40", "--lam-warmup", "0.3", "--temperatures", "0.25,0.5,1,2,4,8,16"],
+    # w(T) = T² keeps the high-T terms (the within-class spread of all logits, which logit-mse regresses on)
+    "cmim-lam10-T0.25-16-T2-warm": ["--lam", "10", "--lam-warmup", "0.3", "--weighting", "T2",
+                                    "--temperatures", "0.25,0.5,1,2,4,8,16"],
+    # CMI of the logits over their batch RMS: a teacher cannot meet the term by shrinking its logits; the grid
+    # reaches T 1/8, the scale at which an attacker's recalibration reads a CMIM teacher
+    "cmim-gs-lam10": ["--scale-free", "--lam", "10", "--lam-warmup", "0.3",
+                      "--temperatures", "0.125,0.25,0.5,1,2,4,8,16"],
+    "cmim-gs-lam20": ["--scale-free", "--lam", "20", "--lam-warmup", "0.3",
+                      "--temperatures", "0.125,0.25,0.5,1,2,4,8,16"],
 }
 DEFAULT_VARIANTS = "ce,cmim-lam20,cmim-lam40-warm,cmim-lam60-warm"
 

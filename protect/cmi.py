@@ -31,6 +31,19 @@ def tempered_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(logits / temperature, dim=-1)
 
 
+def globally_scaled(logits: Tensor, eps: float = 1e-6) -> Tensor:
+    """The batch's logits, each row centred, all divided by one number: their root mean square over the batch.
+
+    Tempered outputs of these are blind to a global scale of the logits, the one thing an attacker's temperature
+    scaling undoes: a teacher cannot lower their CMI by shrinking its logits, only by making each class's outputs
+    alike. Per-row scale (a row's confidence) stays visible, unlike a per-row standardisation.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    centred = logits - logits.mean(-1, keepdim=True)
+    return centred / (centred.pow(2).mean().sqrt() + eps)
+
+
 def class_centroids(probs: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Per-class sums of probability vectors and counts: (C, C) sums, (C,) counts."""
     sums = torch.zeros(num_classes, probs.shape[-1], dtype=probs.dtype, device=probs.device)
@@ -224,18 +237,22 @@ CMIM_DEFAULT_WARMUP = 0.3
 class CMIMLoss(torch.nn.Module):
     """CMIM: CE + λ · A_{T∈grid}[w(T) · Î_T], minimising CMI across the temperature spectrum.
 
+    `scale_free`: Î_T of the logits divided by their batch RMS (see `globally_scaled`), so the term cannot be met
+    by a global shrink of the logits that an attacker's temperature scaling undoes.
+
     Call `loss(logits, labels)` inside a training loop; it updates the centroids (EMA) in training mode
     and returns the total loss. `last_terms` holds the parts of the last call for logging.
     """
 
     def __init__(self, num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
                  aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
-                 sign: float = 1.0):
+                 sign: float = 1.0, scale_free: bool = False):
         super().__init__()
         if lam < 0:
             raise ValueError(f"lambda must be >= 0, got {lam}")
         self.lam = lam
         self.sign = sign
+        self.scale_free = scale_free
         self.aggregator = aggregator
         self.weighting = weighting
         self.bank = CentroidBank(num_classes, temperatures, momentum)
@@ -247,9 +264,10 @@ class CMIMLoss(torch.nn.Module):
 
     def parts(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The loss as named parts: {'ce': ..., 'cmi': ±λ·A[...]}, summing to the total."""
+        z = globally_scaled(logits) if self.scale_free else logits
         if self.training:
-            self.bank.update(logits, labels)
-        terms = self.bank.cmi_terms(logits, labels)
+            self.bank.update(z, labels)
+        terms = self.bank.cmi_terms(z, labels)
         agg = aggregate(terms, self.temperatures, self.aggregator, self.weighting)
         return {"ce": F.cross_entropy(logits.float(), labels), "cmi": self.sign * self.lam * agg}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from protect import CMIMLoss, MCMILoss, conditional_mutual_information
-from protect.cmi import CentroidBank, aggregate, log_spaced_temperatures, separation
+from protect.cmi import CentroidBank, aggregate, log_spaced_temperatures, separation, globally_scaled
 
 
 def brute_force_cmi(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
@@ -110,3 +110,28 @@ def test_aggregators_and_weighting():
     with pytest.raises(ValueError, match="aggregator"):
         aggregate(terms, temps, "median", "1")
     assert log_spaced_temperatures(1, 32, 6) == [1, 2, 4, 8, 16, 32]
+
+
+def test_scale_free_term_ignores_the_logits_scale_and_a_shrink_cannot_lower_it():
+    logits, labels = _fixed_batch()
+
+    def term(scale_free: bool, z: torch.Tensor) -> float:
+        loss_fn = CMIMLoss(10, lam=1.0, temperatures=(0.5, 1.0, 4.0), scale_free=scale_free)
+        loss_fn.bank.exact_pass(torch.nn.Identity(), [{"x": globally_scaled(z) if scale_free else z, "y": labels}],
+                                torch.device("cpu"))
+        loss_fn.eval()
+        return float(loss_fn.parts(z, labels)["cmi"])
+
+    # a plain CMIM term falls when the logits shrink (what an attacker's temperature scaling undoes) ...
+    assert term(False, logits / 5) < 0.5 * term(False, logits)
+    # ... the scale-free one does not move, and its gradient has no component along a global scaling of the logits
+    assert term(True, logits / 5) == pytest.approx(term(True, logits), rel=1e-5)
+    z = logits.clone().requires_grad_(True)
+    loss_fn = CMIMLoss(10, lam=1.0, temperatures=(1.0,), scale_free=True)
+    loss_fn.parts(z, labels)["cmi"].backward()
+    radial = (z.grad * (logits - logits.mean(1, keepdim=True))).sum()
+    assert abs(float(radial)) < 1e-4
+    # one row's own scale is not normalised away: a more confident row changes the term
+    bolder = logits.clone()
+    bolder[0] *= 3
+    assert term(True, bolder) != pytest.approx(term(True, logits), rel=1e-3)

@@ -42,14 +42,14 @@ class CMIObjective(Objective):
     def options(self) -> dict:
         return {"lambda": self.loss.lam, "temperatures": self.loss.temperatures, "aggregator": self.loss.aggregator,
                 "weighting": self.loss.weighting, "momentum": self.loss.bank.momentum, "exact_pass": self.exact_pass,
-                "lam_warmup": self.lam_warmup}
+                "lam_warmup": self.lam_warmup, "scale_free": self.loss.scale_free}
 
 
 def cmim(num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
          aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
-         exact_pass: bool = False, lam_warmup: float = CMIM_DEFAULT_WARMUP) -> CMIObjective:
-    return CMIObjective(CMIMLoss(num_classes, lam, temperatures, aggregator, weighting, momentum), exact_pass,
-                        lam_warmup)
+         exact_pass: bool = False, lam_warmup: float = CMIM_DEFAULT_WARMUP, scale_free: bool = False) -> CMIObjective:
+    return CMIObjective(CMIMLoss(num_classes, lam, temperatures, aggregator, weighting, momentum,
+                                 scale_free=scale_free), exact_pass, lam_warmup)
 
 
 def mcmi(num_classes: int, lam: float = 0.25, momentum: float = 0.9, exact_pass: bool = False) -> CMIObjective:
