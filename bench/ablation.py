@@ -39,12 +39,10 @@ VARIANTS: dict[str, list[str]] = {
     # w(T) = T² keeps the high-T terms (the within-class spread of all logits, which logit-mse regresses on)
     "cmim-lam10-T0.25-16-T2-warm": ["--lam", "10", "--lam-warmup", "0.3", "--weighting", "T2",
                                     "--temperatures", "0.25,0.5,1,2,4,8,16"],
-    # CMI of the logits over their batch RMS: a teacher cannot meet the term by shrinking its logits; the grid
-    # reaches T 1/8, the scale at which an attacker's recalibration reads a CMIM teacher
-    "cmim-gs-lam10": ["--scale-free", "--lam", "10", "--lam-warmup", "0.3",
-                      "--temperatures", "0.125,0.25,0.5,1,2,4,8,16"],
-    "cmim-gs-lam20": ["--scale-free", "--lam", "20", "--lam-warmup", "0.3",
-                      "--temperatures", "0.125,0.25,0.5,1,2,4,8,16"],
+    # CMI at the teacher's calibrated scale: temperatures relative to the NLL-optimal τ, so that shrinking the logits
+    # (which calibrated-kd undoes) no longer lowers the term
+    "cmim-rel-lam2": ["--calibrated", "--lam", "2", "--lam-warmup", "0.3"],
+    "cmim-rel-lam5": ["--calibrated", "--lam", "5", "--lam-warmup", "0.3"],
 }
 DEFAULT_VARIANTS = "ce,cmim-lam20,cmim-lam40-warm,cmim-lam60-warm"
 

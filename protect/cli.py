@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lam-warmup", type=float, default=CMIM_DEFAULT_WARMUP,
                    help=f"cmim: ramp λ linearly from 0 over this fraction of the epochs (default {CMIM_DEFAULT_WARMUP:g}; "
                         "0: full λ from the start)")
-    c.add_argument("--scale-free", action="store_true",
-                   help="cmim: measure CMI on the logits divided by their batch RMS, so the term cannot be met by "
-                        "shrinking the logits (which an attacker's temperature scaling undoes)")
+    c.add_argument("--calibrated", action="store_true",
+                   help="cmim: the grid's temperatures are relative to the model's calibration temperature (fitted on "
+                        "each batch's labels, as an attacker would), so the term cannot be met by shrinking the logits")
     c.add_argument("--init", type=Path, help="mcmi: run directory of the trained teacher to fine-tune")
     n = t.add_argument_group("nasty / ls")
     n.add_argument("--reference", type=Path, help="nasty: run directory of a CE-trained reference model")

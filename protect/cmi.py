@@ -10,6 +10,7 @@ per epoch) and take gradients through P only.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -31,17 +32,22 @@ def tempered_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(logits / temperature, dim=-1)
 
 
-def globally_scaled(logits: Tensor, eps: float = 1e-6) -> Tensor:
-    """The batch's logits, each row centred, all divided by one number: their root mean square over the batch.
+@torch.no_grad()
+def calibration_log_temperature(logits: Tensor, labels: Tensor, lo: float = 0.02, hi: float = 50.0) -> Tensor:
+    """log τ minimising the labels' NLL under softmax(logits/τ): what an attacker's temperature scaling finds.
 
-    Tempered outputs of these are blind to a global scale of the logits, the one thing an attacker's temperature
-    scaling undoes: a teacher cannot lower their CMI by shrinking its logits, only by making each class's outputs
-    alike. Per-row scale (a row's confidence) stays visible, unlike a per-row standardisation.
+    A coarse log-spaced grid, then a finer one around its best point (about ±1% in τ); vectorised, no gradient.
     """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    centred = logits - logits.mean(-1, keepdim=True)
-    return centred / (centred.pow(2).mean().sqrt() + eps)
+    z = logits.detach().float()
+
+    def best(grid: Tensor) -> Tensor:
+        nll = torch.stack([F.cross_entropy(z / torch.exp(g), labels) for g in grid])
+        return grid[int(nll.argmin())]
+
+    coarse = torch.linspace(math.log(lo), math.log(hi), 41, device=z.device)
+    step = float(coarse[1] - coarse[0])
+    g = best(coarse)
+    return best(torch.linspace(float(g) - step, float(g) + step, 21, device=z.device))
 
 
 def class_centroids(probs: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -237,8 +243,10 @@ CMIM_DEFAULT_WARMUP = 0.3
 class CMIMLoss(torch.nn.Module):
     """CMIM: CE + λ · A_{T∈grid}[w(T) · Î_T], minimising CMI across the temperature spectrum.
 
-    `scale_free`: Î_T of the logits divided by their batch RMS (see `globally_scaled`), so the term cannot be met
-    by a global shrink of the logits that an attacker's temperature scaling undoes.
+    `calibrated`: the grid's temperatures are relative to the teacher's calibration temperature τ (NLL-optimal on
+    the batch's labels, an EMA over batches, no gradient), i.e. Î_{τT}. A plain CMIM teacher can meet its term by
+    shrinking its logits (under-confident answers), which an attacker's own temperature scaling undoes
+    (`calibrated-kd`); measured at its calibrated scale the term can only be met by making each class's outputs alike.
 
     Call `loss(logits, labels)` inside a training loop; it updates the centroids (EMA) in training mode
     and returns the total loss. `last_terms` holds the parts of the last call for logging.
@@ -246,13 +254,17 @@ class CMIMLoss(torch.nn.Module):
 
     def __init__(self, num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
                  aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
-                 sign: float = 1.0, scale_free: bool = False):
+                 sign: float = 1.0, calibrated: bool = False, tau_momentum: float = 0.9):
         super().__init__()
         if lam < 0:
             raise ValueError(f"lambda must be >= 0, got {lam}")
         self.lam = lam
         self.sign = sign
-        self.scale_free = scale_free
+        self.calibrated = calibrated
+        self.tau_momentum = tau_momentum
+        if calibrated:  # only then: checkpoints of plain CMIM keep their keys
+            self.register_buffer("log_tau", torch.zeros(()))
+            self.register_buffer("tau_initialised", torch.zeros((), dtype=torch.bool))
         self.aggregator = aggregator
         self.weighting = weighting
         self.bank = CentroidBank(num_classes, temperatures, momentum)
@@ -264,12 +276,21 @@ class CMIMLoss(torch.nn.Module):
 
     def parts(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The loss as named parts: {'ce': ..., 'cmi': ±λ·A[...]}, summing to the total."""
-        z = globally_scaled(logits) if self.scale_free else logits
+        z = self._calibrate(logits, labels) if self.calibrated else logits
         if self.training:
             self.bank.update(z, labels)
         terms = self.bank.cmi_terms(z, labels)
         agg = aggregate(terms, self.temperatures, self.aggregator, self.weighting)
         return {"ce": F.cross_entropy(logits.float(), labels), "cmi": self.sign * self.lam * agg}
+
+    def _calibrate(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The logits over the (EMA) calibration temperature; τ is a constant to the gradient."""
+        if self.training:
+            fresh = calibration_log_temperature(logits, labels).to(self.log_tau)
+            m = self.tau_momentum if bool(self.tau_initialised) else 0.0
+            self.log_tau.copy_(m * self.log_tau + (1 - m) * fresh)
+            self.tau_initialised.fill_(True)
+        return logits / torch.exp(self.log_tau).to(logits.dtype)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         parts = self.parts(logits, labels)

@@ -28,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         options = {"lam": CMIM_DEFAULT_LAMBDA if args.lam is None else args.lam, "temperatures": args.temperatures,
                    "aggregator": args.aggregator, "weighting": args.weighting,
                    "momentum": args.centroid_momentum, "exact_pass": args.exact_centroids,
-                   "lam_warmup": args.lam_warmup, "scale_free": args.scale_free}
+                   "lam_warmup": args.lam_warmup, "calibrated": args.calibrated}
     elif args.mode == "mcmi":
         options = {"lam": 0.25 if args.lam is None else args.lam, "momentum": args.centroid_momentum,
                    "exact_pass": args.exact_centroids}

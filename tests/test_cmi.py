@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from protect import CMIMLoss, MCMILoss, conditional_mutual_information
-from protect.cmi import CentroidBank, aggregate, log_spaced_temperatures, separation, globally_scaled
+from protect.cmi import CentroidBank, aggregate, log_spaced_temperatures, separation
 
 
 def brute_force_cmi(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
@@ -112,26 +112,29 @@ def test_aggregators_and_weighting():
     assert log_spaced_temperatures(1, 32, 6) == [1, 2, 4, 8, 16, 32]
 
 
-def test_scale_free_term_ignores_the_logits_scale_and_a_shrink_cannot_lower_it():
+def test_calibrated_term_follows_the_logits_scale_so_a_shrink_cannot_lower_it():
     logits, labels = _fixed_batch()
+    logits = logits + 6 * torch.nn.functional.one_hot(labels, 10)  # mostly right, so τ is well defined
 
-    def term(scale_free: bool, z: torch.Tensor) -> float:
-        loss_fn = CMIMLoss(10, lam=1.0, temperatures=(0.5, 1.0, 4.0), scale_free=scale_free)
-        loss_fn.bank.exact_pass(torch.nn.Identity(), [{"x": globally_scaled(z) if scale_free else z, "y": labels}],
-                                torch.device("cpu"))
+    def term(calibrated: bool, z: torch.Tensor) -> tuple[float, float]:
+        loss_fn = CMIMLoss(10, lam=1.0, temperatures=(1.0, 4.0), calibrated=calibrated)
+        loss_fn.parts(z, labels)  # training mode: centroids (and τ) from this batch
         loss_fn.eval()
-        return float(loss_fn.parts(z, labels)["cmi"])
+        tau = float(torch.exp(loss_fn.log_tau)) if calibrated else 1.0
+        return float(loss_fn.parts(z, labels)["cmi"]), tau
 
-    # a plain CMIM term falls when the logits shrink (what an attacker's temperature scaling undoes) ...
-    assert term(False, logits / 5) < 0.5 * term(False, logits)
-    # ... the scale-free one does not move, and its gradient has no component along a global scaling of the logits
-    assert term(True, logits / 5) == pytest.approx(term(True, logits), rel=1e-5)
-    z = logits.clone().requires_grad_(True)
-    loss_fn = CMIMLoss(10, lam=1.0, temperatures=(1.0,), scale_free=True)
-    loss_fn.parts(z, labels)["cmi"].backward()
-    radial = (z.grad * (logits - logits.mean(1, keepdim=True))).sum()
-    assert abs(float(radial)) < 1e-4
-    # one row's own scale is not normalised away: a more confident row changes the term
-    bolder = logits.clone()
-    bolder[0] *= 3
-    assert term(True, bolder) != pytest.approx(term(True, logits), rel=1e-3)
+    # a plain CMIM term falls when the logits shrink (under-confident answers, undone by calibrated-kd) ...
+    assert term(False, logits / 5)[0] < 0.5 * term(False, logits)[0]
+    # ... the calibrated one does not move: τ shrinks with the logits
+    (full, tau_full), (shrunk, tau_shrunk) = term(True, logits), term(True, logits / 5)
+    assert shrunk == pytest.approx(full, rel=0.03)
+    assert tau_shrunk == pytest.approx(tau_full / 5, rel=0.03)
+    # τ is the NLL-optimal temperature (what the attacker's calibrated-kd fits)
+    from audit.attacks.calibrated_kd import fit_temperature
+    assert tau_full == pytest.approx(fit_temperature(torch.log_softmax(logits, 1), labels, lo=0.02, hi=50), rel=0.03)
+
+
+def test_calibrated_cmim_rejects_exact_centroids():
+    from protect.objectives.cmi_objectives import cmim
+    with pytest.raises(ValueError, match="calibrated"):
+        cmim(10, calibrated=True, exact_pass=True)

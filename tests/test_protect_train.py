@@ -190,3 +190,20 @@ def test_teacher_and_cli_do_not_import_each_other():
             "assert protect.cli.DATASET_DEFAULTS is d.DATASET_DEFAULTS and protect.cli.UsageError is d.UsageError")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_calibrated_cmim_trains_records_its_option_and_is_measured_at_the_attackers_scale(digits_ce_run, tmp_path):
+    out = tmp_path / "cal"
+    proc = run_cli("train", "--mode", "cmim", "--calibrated", "--lam", "2", "--dataset", "digits", "--epochs", "2",
+                   "--quiet", "--json", "--out", str(out))
+    assert json.loads(proc.stdout)["test_accuracy"] > CHANCE + 0.3
+    assert json.loads((out / "config.json").read_text())["objective_options"]["calibrated"] is True
+    state = torch.load(out / CHECKPOINT, weights_only=True)["objective"]
+    log_tau = next(v for k, v in state.items() if k.endswith("log_tau"))
+    assert torch.isfinite(log_tau) and float(log_tau) != 0.0  # τ was fitted, not left at its initial 1
+    bench = run_cli("-m", "bench.calibrated_cmi", str(digits_ce_run), str(out), "--dataset", "digits",
+                    "--budget", "1000", "--out", str(tmp_path / "leak"))
+    rows = json.loads((tmp_path / "leak.json").read_text())["teachers"]
+    assert set(rows) == {digits_ce_run.name, "cal"} and "| cal |" in bench.stdout
+    for r in rows.values():
+        assert 0.05 <= r["tau"] <= 20 and r["cmi_at_tau_given_top1"] >= 0 and 0 <= r["within_class_logp_variance_share"] <= 1

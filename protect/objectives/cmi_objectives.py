@@ -16,6 +16,8 @@ class CMIObjective(Objective):
         super().__init__()
         if not 0.0 <= lam_warmup <= 1.0:
             raise ValueError(f"lam_warmup is a fraction of the epochs in [0, 1], got {lam_warmup}")
+        if exact_pass and getattr(loss, "calibrated", False):
+            raise ValueError("exact centroids are computed on raw logits; they cannot be combined with calibrated CMIM")
         self.loss = loss
         self.exact_pass = exact_pass
         self.lam_warmup = lam_warmup
@@ -42,14 +44,14 @@ class CMIObjective(Objective):
     def options(self) -> dict:
         return {"lambda": self.loss.lam, "temperatures": self.loss.temperatures, "aggregator": self.loss.aggregator,
                 "weighting": self.loss.weighting, "momentum": self.loss.bank.momentum, "exact_pass": self.exact_pass,
-                "lam_warmup": self.lam_warmup, "scale_free": self.loss.scale_free}
+                "lam_warmup": self.lam_warmup, "calibrated": self.loss.calibrated}
 
 
 def cmim(num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
          aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
-         exact_pass: bool = False, lam_warmup: float = CMIM_DEFAULT_WARMUP, scale_free: bool = False) -> CMIObjective:
+         exact_pass: bool = False, lam_warmup: float = CMIM_DEFAULT_WARMUP, calibrated: bool = False) -> CMIObjective:
     return CMIObjective(CMIMLoss(num_classes, lam, temperatures, aggregator, weighting, momentum,
-                                 scale_free=scale_free), exact_pass, lam_warmup)
+                                 calibrated=calibrated), exact_pass, lam_warmup)
 
 
 def mcmi(num_classes: int, lam: float = 0.25, momentum: float = 0.9, exact_pass: bool = False) -> CMIObjective:
