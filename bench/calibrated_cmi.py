@@ -67,13 +67,15 @@ def main() -> None:
         import shlex
         import sys
 
+        from bench.protection import machine
+
         command = "python -m bench.calibrated_cmi " + shlex.join(sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(
-            {"command": command, "date": time.strftime("%Y-%m-%d"), "teachers": rows}, indent=2))
+            {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "teachers": rows}, indent=2))
         args.out.with_suffix(".md").write_text(
-            f"# Leakage at the attacker's scale: {args.dataset}\n\nCommand: `{command}`  \nDate: "
-            f"{time.strftime('%Y-%m-%d')}\n\n" + "\n".join(lines) + "\n")
+            f"# Leakage at the attacker's scale: {args.dataset}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
+            f"Date: {time.strftime('%Y-%m-%d')}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
