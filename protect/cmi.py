@@ -235,7 +235,9 @@ def aggregate(terms: Tensor, temperatures: Sequence[float], aggregator: Aggregat
 # in over the first 30% of the epochs (CMIObjective's warm-up) was undistillable against its four families (kd,
 # hard-label, logit-std, dkd) at the accuracy of CE; λ 20 without warm-up was more accurate but inconclusive (KD's
 # upper bound +0.69 points). Against the whole battery it is inconclusive (calibrated-kd, logit-mse:
-# bench/results/protection-fashion-mnist.md), so this default is the best measured point, not a guarantee.
+# bench/results/protection-fashion-mnist.md), so this default is the best measured point, not a guarantee. Tried
+# since and not better against the whole battery: w(T) = T² with T down to 0.25 (distillable through vid), T < 1
+# at weight 1 and `calibrated` at λ ≥ 5 (collapse or −4 points), bench/results/ablation-battery-fashion-mnist.md.
 CMIM_DEFAULT_LAMBDA = 40.0
 CMIM_DEFAULT_WARMUP = 0.3
 
