@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from audit.attacks.calibrated_kd import fit_temperature
+from protect.metrics import fit_temperature
 from audit.runner import validation_split
 from protect.cmi import conditional_mutual_information
 from protect.data import load_dataset

@@ -113,7 +113,7 @@ def train_teachers(work: Path, names: list[str], specs: dict[str, dict], args) -
 def fit_recalibration(model: Path, dataset: str, data_dir: str | None) -> float:
     """τ minimising the NLL of the model's test logits on the first half of the test split (the other half is
     where its ECE is reported)."""
-    from audit.attacks.calibrated_kd import fit_temperature
+    from protect.metrics import fit_temperature
     from protect.data import load_dataset
     from protect.predict import OnnxPredictor
 

@@ -32,24 +32,6 @@ def tempered_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(logits / temperature, dim=-1)
 
 
-@torch.no_grad()
-def calibration_log_temperature(logits: Tensor, labels: Tensor, lo: float = 0.02, hi: float = 50.0) -> Tensor:
-    """log τ minimising the labels' NLL under softmax(logits/τ): what an attacker's temperature scaling finds.
-
-    A coarse log-spaced grid, then a finer one around its best point (about ±1% in τ); vectorised, no gradient.
-    """
-    z = logits.detach().float()
-
-    def best(grid: Tensor) -> Tensor:
-        nll = torch.stack([F.cross_entropy(z / torch.exp(g), labels) for g in grid])
-        return grid[int(nll.argmin())]
-
-    coarse = torch.linspace(math.log(lo), math.log(hi), 41, device=z.device)
-    step = float(coarse[1] - coarse[0])
-    g = best(coarse)
-    return best(torch.linspace(float(g) - step, float(g) + step, 21, device=z.device))
-
-
 def class_centroids(probs: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Per-class sums of probability vectors and counts: (C, C) sums, (C,) counts."""
     sums = torch.zeros(num_classes, probs.shape[-1], dtype=probs.dtype, device=probs.device)
@@ -288,7 +270,10 @@ class CMIMLoss(torch.nn.Module):
     def _calibrate(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The logits over the (EMA) calibration temperature; τ is a constant to the gradient."""
         if self.training:
-            fresh = calibration_log_temperature(logits, labels).to(self.log_tau)
+            from protect.metrics import fit_temperature  # metrics imports this module
+
+            # calibrated-kd's own search (cross-entropy is blind to a per-row shift, so logits serve as log-probs)
+            fresh = torch.tensor(math.log(fit_temperature(logits.detach(), labels, lo=0.02, hi=50.0))).to(self.log_tau)
             m = self.tau_momentum if bool(self.tau_initialised) else 0.0
             self.log_tau.copy_(m * self.log_tau + (1 - m) * fresh)
             self.tau_initialised.fill_(True)

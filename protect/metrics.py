@@ -1,9 +1,11 @@
 """What `protect eval` reports about a classifier's logits on a labelled split."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from protect.cmi import cmi_spectrum, normalised_cmi, separation
@@ -22,6 +24,29 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -
         if mask.any():
             ece += mask.float().mean() * (conf[mask].mean() - correct[mask].mean()).abs()
     return float(ece)
+
+
+@torch.no_grad()
+def fit_temperature(logp: Tensor, labels: Tensor, lo: float = 0.25, hi: float = 100.0) -> float:
+    """argmin_τ NLL(softmax(logp/τ), labels): a log-spaced grid, then golden-section search around its best."""
+    logp = logp.double()
+
+    def nll(log_tau: float) -> float:
+        return float(F.cross_entropy(logp / math.exp(log_tau), labels))
+
+    grid = torch.linspace(math.log(lo), math.log(hi), 81).tolist()
+    values = [nll(g) for g in grid]
+    i = min(range(len(grid)), key=values.__getitem__)
+    a, b = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    for _ in range(60):
+        if nll(c) < nll(d):
+            b = d
+        else:
+            a = c
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+    return math.exp((a + b) / 2)
 
 
 def classifier_report(logits: Tensor, labels: Tensor, num_classes: int,

@@ -130,7 +130,7 @@ def test_calibrated_term_follows_the_logits_scale_so_a_shrink_cannot_lower_it():
     assert shrunk == pytest.approx(full, rel=0.03)
     assert tau_shrunk == pytest.approx(tau_full / 5, rel=0.03)
     # τ is the NLL-optimal temperature (what the attacker's calibrated-kd fits)
-    from audit.attacks.calibrated_kd import fit_temperature
+    from protect.metrics import fit_temperature
     assert tau_full == pytest.approx(fit_temperature(torch.log_softmax(logits, 1), labels, lo=0.02, hi=50), rel=0.03)
 
 

@@ -10,42 +10,18 @@ or to hide its dark knowledge in a scale (CMIM, Nasty) is rescaled before distil
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from audit.attacks.base import Attack, kd_term
+from protect.metrics import fit_temperature  # noqa: F401 (the attack's τ; re-exported for audit.attacks)
 
 
 def calibration_slice(n: int, fraction: float = 0.1, seed: int = 0) -> Tensor:
     """Indices of a fixed slice of the transfer set (the same for every student of the audit)."""
     k = max(1, int(round(fraction * n)))
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
-
-
-@torch.no_grad()
-def fit_temperature(logp: Tensor, labels: Tensor, lo: float = 0.25, hi: float = 100.0) -> float:
-    """argmin_τ NLL(softmax(logp/τ), labels): a log-spaced grid, then golden-section search around its best."""
-    logp = logp.double()
-
-    def nll(log_tau: float) -> float:
-        return float(F.cross_entropy(logp / math.exp(log_tau), labels))
-
-    grid = torch.linspace(math.log(lo), math.log(hi), 81).tolist()
-    values = [nll(g) for g in grid]
-    i = min(range(len(grid)), key=values.__getitem__)
-    a, b = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    for _ in range(60):
-        if nll(c) < nll(d):
-            b = d
-        else:
-            a = c
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-    return math.exp((a + b) / 2)
 
 
 class CalibratedKD(Attack):
