@@ -24,6 +24,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
         raise UsageError("--mode mcmi fine-tunes a trained teacher: pass --init RUN_DIR (e.g. a `--mode ce` run)")
     if args.mode == "nasty" and args.reference is None:
         raise UsageError("--mode nasty needs --reference RUN_DIR, a CE-trained model of the same task")
+    if args.mode == "cmim" and args.calibrated and args.exact_centroids:
+        raise UsageError("--calibrated and --exact-centroids cannot be combined (the exact pass averages raw logits, "
+                         "not calibrated ones): drop one of them")
     if args.mode == "cmim":
         options = {"lam": CMIM_DEFAULT_LAMBDA if args.lam is None else args.lam, "temperatures": args.temperatures,
                    "aggregator": args.aggregator, "weighting": args.weighting,

@@ -206,4 +206,12 @@ def test_calibrated_cmim_trains_records_its_option_and_is_measured_at_the_attack
     rows = json.loads((tmp_path / "leak.json").read_text())["teachers"]
     assert set(rows) == {digits_ce_run.name, "cal"} and "| cal |" in bench.stdout
     for r in rows.values():
-        assert 0.05 <= r["tau"] <= 20 and r["cmi_at_tau_given_top1"] >= 0 and 0 <= r["within_class_logp_variance_share"] <= 1
+        assert 0.05 - 1e-6 <= r["tau"] <= 20 + 1e-6 and r["cmi_at_tau_given_top1"] >= 0 and 0 <= r["within_class_logp_variance_share"] <= 1
+
+
+def test_calibrated_with_exact_centroids_is_refused_before_training(tmp_path):
+    proc = run_cli("train", "--mode", "cmim", "--calibrated", "--exact-centroids", "--dataset", "digits",
+                   "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2
+    assert "--calibrated and --exact-centroids" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
