@@ -19,7 +19,7 @@ from bench.protection import (add_scale_args, audit_cells, family_table, produce
                              teacher_spec, timing_line, trained_line)
 
 # name -> protect-train flags ("ce" is the undefended reference row).
-VARIANTS: dict[str, list[str]] = {
+VARIANTS: dict[str, list[str] | dict] = {
     "ce": [],
     "cmim-lam20": ["--lam", "20", "--lam-warmup", "0"],
     "cmim-lam40": ["--lam", "40", "--lam-warmup", "0"],
@@ -37,12 +37,15 @@ VARIANTS: dict[str, list[str]] = {
     "cmim-lam20-T0.25-16-warm": ["--lam", "20", "--lam-warmup", "0.3", "--temperatures", "0.25,0.5,1,2,4,8,16"],
     "cmim-lam40-T0.25-16-warm": ["--lam", "40", "--lam-warmup", "0.3", "--temperatures", "0.25,0.5,1,2,4,8,16"],
     # w(T) = T² keeps the high-T terms (the within-class spread of all logits, which logit-mse regresses on)
-    "cmim-lam10-T0.25-16-T2-warm": ["--lam", "10", "--lam-warmup", "0.3", "--weighting", "T2",
-                                    "--temperatures", "0.25,0.5,1,2,4,8,16"],
+    **{f"cmim-lam{lam}-T0.25-16-T2-warm": ["--lam", str(lam), "--lam-warmup", "0.3", "--weighting", "T2",
+                                          "--temperatures", "0.25,0.5,1,2,4,8,16"] for lam in (10, 20, 30)},
     # CMI at the teacher's calibrated scale: temperatures relative to the NLL-optimal τ, so that shrinking the logits
     # (which calibrated-kd undoes) no longer lowers the term
     "cmim-rel-lam2": ["--calibrated", "--lam", "2", "--lam-warmup", "0.3"],
     "cmim-rel-lam5": ["--calibrated", "--lam", "5", "--lam-warmup", "0.3"],
+    # post-hoc hardening: CMIM fine-tuning of the converged CE teacher's weights (flags after the common ones win)
+    **{f"cmim-ft-lam{lam}": {"flags": ["--lam", str(lam), "--lam-warmup", "0.2", "--epochs", "6", "--lr", "0.01"],
+                             "needs": "ce", "init": True} for lam in (60, 120)},
 }
 DEFAULT_VARIANTS = "ce,cmim-lam20,cmim-lam40-warm,cmim-lam60-warm"
 

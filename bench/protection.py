@@ -32,7 +32,7 @@ TEACHERS: dict[str, dict] = {
     "ce": {"mode": "ce"},
     "ls": {"mode": "ls"},
     "cmim": {"mode": "cmim"},
-    "mcmi": {"mode": "mcmi", "needs": "ce"},
+    "mcmi": {"mode": "mcmi", "needs": "ce", "init": True},
     "nasty": {"mode": "nasty", "needs": "ce"},
     "ce-top1": {"model_of": "ce", "policy": {"kind": "topk", "k": 1, "decimals": None}},
     "ce-round1": {"model_of": "ce", "policy": {"kind": "probs", "k": None, "decimals": 1}},
@@ -43,13 +43,14 @@ DEFAULT_TEACHERS = "ce,cmim,cmim-cal,mcmi,nasty,ce-top1"
 TARGETS = {"seeds_min": 5, "ls_student_min": 0.875, "ce_teacher_min": 0.915, "cmim_accuracy_drop_max_points": 0.3}
 
 
-def teacher_spec(name: str, variants: dict[str, list[str]]) -> dict:
-    """The spec of a row: a predefined teacher or a CMIM variant of bench/ablation.py (`cmim-…`)."""
+def teacher_spec(name: str, variants: dict[str, list[str] | dict]) -> dict:
+    """The spec of a row: a predefined teacher or a CMIM variant of bench/ablation.py (`cmim-…`): its flags, or a
+    dict with `flags` and, for a fine-tuned variant, `needs` (the run whose weights it starts from) and `init`."""
     if name in TEACHERS:
         return TEACHERS[name]
     if name in variants:
-        flags = variants[name]
-        return {"mode": "ce" if name == "ce" else "cmim", "flags": flags}
+        v = variants[name]
+        return {"mode": "ce" if name == "ce" else "cmim", **(v if isinstance(v, dict) else {"flags": v})}
     raise SystemExit(f"unknown teacher {name!r}; valid: {', '.join([*TEACHERS, *variants])}")
 
 
@@ -67,8 +68,10 @@ def train_command(work: Path, name: str, spec: dict, args) -> list[str] | None:
     mode = spec["mode"]
     flags = list(spec.get("flags", []))
     epochs = args.mcmi_epochs if mode == "mcmi" else args.teacher_epochs
+    if spec.get("init"):  # fine-tunes the weights of the run it needs
+        flags += ["--init", str(work / "runs" / spec["needs"])]
     if mode == "mcmi":
-        flags += ["--init", str(work / "runs" / spec["needs"]), "--lr", "0.01"]
+        flags += ["--lr", "0.01"]
     if mode == "nasty":
         flags += ["--reference", str(work / "runs" / spec["needs"])]
     common = ["--dataset", args.dataset, "--arch", args.teacher_arch, "--seed", str(args.teacher_seed),
@@ -376,9 +379,10 @@ def produce_rows(work: Path, names: list[str], specs: dict[str, dict], args, wri
         model = export(work, name if spec.get("recalibrate") else base, work / "runs" / base, args, temperature)
         started = time.time()
         report = audit(work, model, name, spec.get("policy"), args)
+        flags = [*spec.get("flags", []), *(["--init", f"runs/{spec['needs']}"] if spec.get("init") else [])]
         rows[name] = {"teacher": teacher_numbers(model, args.dataset, args.data_dir, work / "runs" / base),
                       "audit": summarise_audit(report),
-                      "policy": spec.get("policy") or {"kind": "probs"}, "flags": spec.get("flags", []),
+                      "policy": spec.get("policy") or {"kind": "probs"}, "flags": flags,
                       "audit_wall_seconds": round(time.time() - started, 1)}
         a = rows[name]["audit"]
         print(f"{name}: teacher {rows[name]['teacher']['test_accuracy']:.4f}, {a['outcome']} "

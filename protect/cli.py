@@ -25,6 +25,7 @@ examples:
   protect train --mode cmim --dataset fashion-mnist --out runs/cmim
   protect train --mode cmim --lam 5 --temperatures 1,2,4,8,16 --aggregator max --weighting T2 --out runs/cmim-max
   protect train --mode mcmi --init runs/ce --epochs 5 --lr 0.01 --out runs/mcmi
+  protect train --mode cmim --init runs/ce --lam 60 --epochs 6 --lr 0.01 --out runs/cmim-ft   # harden a trained model
   torchrun --nproc_per_node 2 --no-python protect train --mode cmim --dataset digits --out runs/ddp
   protect train --out runs/cmim --resume        # continue after Ctrl-C or a crash
 """
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibrated", action="store_true",
                    help="cmim: the grid's temperatures are relative to the model's calibration temperature (fitted on "
                         "each batch's labels, as an attacker would), so the term cannot be met by shrinking the logits")
-    c.add_argument("--init", type=Path, help="mcmi: run directory of the trained teacher to fine-tune")
+    c.add_argument("--init", type=Path, help="start from this run's trained weights (fine-tune): required by mcmi; "
+                   "with cmim, hardens an existing model")
     n = t.add_argument_group("nasty / ls")
     n.add_argument("--reference", type=Path, help="nasty: run directory of a CE-trained reference model")
     n.add_argument("--tau", type=float, default=4.0, help="nasty: temperature τ")

@@ -88,7 +88,7 @@ def run_training(args: argparse.Namespace) -> dict | None:
     if config["mode"] == "nasty":
         options["reference"] = _load_compatible(config["reference"], config, "--reference")
     model = create_model(config["arch"], splits.num_classes, c, h) if ":" in config["arch"] else build_model(config)
-    if config["mode"] == "mcmi" and not args.resume:
+    if config.get("init") and not args.resume:
         init = _load_compatible(config["init"], config, "--init")
         if type(init) is not type(model) or init.state_dict().keys() != model.state_dict().keys():
             raise UsageError(f"--init {config['init']} is a different architecture; pass --arch {read_config(config['init'])['arch']}")

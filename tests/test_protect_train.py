@@ -56,6 +56,17 @@ def test_mcmi_fine_tunes_a_ce_teacher_and_raises_cmi(digits_ce_run, tmp_path):
     assert "loss_cmi" in _metrics(mcmi)[-1] and _metrics(mcmi)[-1]["loss_cmi"] < 0
 
 
+def test_cmim_init_hardens_a_trained_model_from_its_weights(digits_ce_run, tmp_path):
+    # At lr 1e-6 one epoch barely moves the weights: the run keeps the CE model's accuracy only if it started from
+    # them (from a random init it would sit near chance).
+    out = tmp_path / "cmim-ft"
+    proc = run_cli("train", "--mode", "cmim", "--dataset", "digits", "--init", str(digits_ce_run), "--epochs", "1",
+                   "--lr", "1e-6", "--quiet", "--json", "--out", str(out))
+    ce_acc = _metrics(digits_ce_run)[-1]["test_acc"]
+    assert abs(json.loads(proc.stdout)["test_accuracy"] - ce_acc) < 0.02 and ce_acc > CHANCE + 0.5
+    assert json.loads((out / "config.json").read_text())["init"] == str(digits_ce_run)
+
+
 def test_nasty_trains_against_a_reference(digits_ce_run, tmp_path):
     proc = run_cli("train", "--mode", "nasty", "--dataset", "digits", "--reference", str(digits_ce_run),
                    "--epochs", "1", "--quiet", "--json", "--out", str(tmp_path / "nasty"))
