@@ -18,8 +18,18 @@ from pathlib import Path
 from bench.protection import (add_scale_args, audit_cells, family_table, produce_rows, provenance, resolve_scale,
                              teacher_spec, timing_line, trained_line)
 
+# The grid and w(T) of CMIM's defaults before the ablation chose T 0.25–16 with w(T) = T²: variants measured then
+# keep them, so that their committed rows still describe what a rerun trains.
+FORMER_GRID = {"--temperatures": "1,2,4,8,16", "--weighting": "1"}
+
+
+def _pinned(flags: list[str]) -> list[str]:
+    """`flags` plus the former grid's flags that it does not set itself."""
+    return flags + [x for k, v in FORMER_GRID.items() if k not in flags for x in (k, v)]
+
+
 # name -> protect-train flags ("ce" is the undefended reference row).
-VARIANTS: dict[str, list[str] | dict] = {
+_VARIANTS: dict[str, list[str] | dict] = {
     "ce": [],
     "cmim-lam20": ["--lam", "20", "--lam-warmup", "0"],
     "cmim-lam40": ["--lam", "40", "--lam-warmup", "0"],
@@ -47,6 +57,9 @@ VARIANTS: dict[str, list[str] | dict] = {
     **{f"cmim-ft-lam{lam}": {"flags": ["--lam", str(lam), "--lam-warmup", "0.2", "--epochs", "6", "--lr", "0.01"],
                              "needs": "ce", "init": True} for lam in (60, 120)},
 }
+VARIANTS: dict[str, list[str] | dict] = {
+    name: v if name == "ce" else {**v, "flags": _pinned(v["flags"])} if isinstance(v, dict) else _pinned(v)
+    for name, v in _VARIANTS.items()}
 DEFAULT_VARIANTS = "ce,cmim-lam20,cmim-lam40-warm,cmim-lam60-warm"
 
 

@@ -23,7 +23,7 @@ modes:
 
 examples:
   protect train --mode cmim --dataset fashion-mnist --out runs/cmim
-  protect train --mode cmim --lam 5 --temperatures 1,2,4,8,16 --aggregator max --weighting T2 --out runs/cmim-max
+  protect train --mode cmim --lam 5 --temperatures 1,2,4,8,16 --aggregator max --weighting 1 --out runs/cmim-max
   protect train --mode mcmi --init runs/ce --epochs 5 --lr 0.01 --out runs/mcmi
   protect train --mode cmim --init runs/ce --lam 60 --epochs 6 --lr 0.01 --out runs/cmim-ft   # harden a trained model
   torchrun --nproc_per_node 2 --no-python protect train --mode cmim --dataset digits --out runs/ddp
@@ -42,7 +42,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_WARMUP
+    from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_TEMPERATURES, CMIM_DEFAULT_WARMUP, CMIM_DEFAULT_WEIGHTING
     from protect.data import DATASETS
     from protect.models import ARCHS
     from protect.objectives import OBJECTIVES
@@ -76,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (data is in memory)")
     c = t.add_argument_group("cmim / mcmi")
     c.add_argument("--lam", type=float, help=f"λ: CMI weight (cmim default {CMIM_DEFAULT_LAMBDA:g}, mcmi default 0.25)")
-    c.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0],
-                   help="cmim temperature grid, comma-separated (default 1,2,4,8,16)")
+    c.add_argument("--temperatures", type=_floats, default=list(CMIM_DEFAULT_TEMPERATURES),
+                   help="cmim temperature grid, comma-separated (default "
+                        f"{','.join(f'{t:g}' for t in CMIM_DEFAULT_TEMPERATURES)}; T < 1 covers an attacker who "
+                        "sharpens the answers)")
     c.add_argument("--aggregator", default="mean", choices=["mean", "max", "softmax"],
                    help="how CMI over the grid is combined: mean (paper), max / softmax (worst case over T)")
-    c.add_argument("--weighting", default="1", choices=["1", "T2"], help="w(T): 1 or T² (keeps high T from vanishing)")
+    c.add_argument("--weighting", default=CMIM_DEFAULT_WEIGHTING, choices=["1", "T2"],
+                   help=f"w(T): 1 or T2 = T² (keeps high T from vanishing; default {CMIM_DEFAULT_WEIGHTING})")
     c.add_argument("--centroid-momentum", type=float, default=0.9, help="EMA momentum of the class centroids")
     c.add_argument("--exact-centroids", action="store_true", help="recompute exact class centroids at each epoch start")
     c.add_argument("--lam-warmup", type=float, default=CMIM_DEFAULT_WARMUP,

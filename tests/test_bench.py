@@ -46,9 +46,12 @@ def test_ablation_benchmark_reuses_finished_work(tmp_path):
     run_cli(*args)
     first = json.loads((tmp_path / "out" / "ablation-digits.json").read_text())
     assert set(first["variants"]) == {"ce", "cmim-lam20-max"}
-    assert first["variants"]["cmim-lam20-max"]["flags"] == ["--lam", "20", "--aggregator", "max", "--lam-warmup", "0"]
+    assert first["variants"]["cmim-lam20-max"]["flags"] == ["--lam", "20", "--aggregator", "max", "--lam-warmup", "0",
+                                                            "--temperatures", "1,2,4,8,16", "--weighting", "1"]
     options = first["variants"]["cmim-lam20-max"]["teacher"]["options"]
+    # a variant measured before the defaults moved still trains what it was measured with
     assert options["aggregator"] == "max" and options["lam_warmup"] == 0
+    assert options["temperatures"] == [1, 2, 4, 8, 16] and options["weighting"] == "1"
     students = (tmp_path / "work" / "digits" / "reports" / "ce" / "students.jsonl").read_text()
     run_cli(*args)  # everything reused: no student trained twice, same numbers
     assert (tmp_path / "work" / "digits" / "reports" / "ce" / "students.jsonl").read_text() == students

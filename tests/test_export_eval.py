@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from protect.card import ModelDirError, load_card, normalise, verify_model_dir
-from protect.cmi import CMIM_DEFAULT_LAMBDA
+from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_TEMPERATURES, CMIM_DEFAULT_WEIGHTING
 from protect.data import load_dataset
 from protect.predict import OnnxPredictor, TorchPredictor
 from tests.conftest import run_cli
@@ -22,7 +22,8 @@ def test_export_writes_one_file_with_dynamic_batch_and_a_full_card(digits_cmim_m
     assert dim0.dim_param and not dim0.dim_value  # symbolic batch axis
     card = verify_model_dir(model_dir)
     assert card.mode == "cmim" and card.num_classes == 10 and card.input_shape == [1, 8, 8]
-    assert card.options["lam"] == CMIM_DEFAULT_LAMBDA and card.options["temperatures"] == [1, 2, 4, 8, 16]
+    assert card.options["lam"] == CMIM_DEFAULT_LAMBDA and card.options["weighting"] == CMIM_DEFAULT_WEIGHTING
+    assert card.options["temperatures"] == list(CMIM_DEFAULT_TEMPERATURES)
     assert set(card.cmi) == {"1", "4", "16"} and card.test_accuracy > 0.5
     predictor = OnnxPredictor(model_dir)
     for n in (1, 3, 700):  # any batch size

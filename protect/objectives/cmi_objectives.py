@@ -5,7 +5,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_WARMUP, Aggregator, CMIMLoss, MCMILoss, Weighting
+from protect.cmi import (CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_TEMPERATURES, CMIM_DEFAULT_WARMUP, CMIM_DEFAULT_WEIGHTING,
+                         Aggregator, CMIMLoss, MCMILoss, Weighting)
 from protect.objectives.base import Objective
 
 
@@ -47,8 +48,8 @@ class CMIObjective(Objective):
                 "lam_warmup": self.lam_warmup, "calibrated": self.loss.calibrated}
 
 
-def cmim(num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = (1, 2, 4, 8, 16),
-         aggregator: Aggregator = "mean", weighting: Weighting = "1", momentum: float = 0.9,
+def cmim(num_classes: int, lam: float = CMIM_DEFAULT_LAMBDA, temperatures: Sequence[float] = CMIM_DEFAULT_TEMPERATURES,
+         aggregator: Aggregator = "mean", weighting: Weighting = CMIM_DEFAULT_WEIGHTING, momentum: float = 0.9,
          exact_pass: bool = False, lam_warmup: float = CMIM_DEFAULT_WARMUP, calibrated: bool = False) -> CMIObjective:
     return CMIObjective(CMIMLoss(num_classes, lam, temperatures, aggregator, weighting, momentum,
                                  calibrated=calibrated), exact_pass, lam_warmup)
