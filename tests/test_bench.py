@@ -74,3 +74,20 @@ def test_serving_benchmark_measures_the_service_against_a_bare_baseline(model_di
     assert result["no_5xx"] and "keys required" in result["server"]["keys"]
     md = out.with_suffix(".md").read_text()
     assert result["command"] in md and "bare Starlette" in md
+
+
+def test_teacher_seeds_benchmark_pairs_the_drop_by_seed_and_reuses_runs(tmp_path):
+    args = ["-m", "bench.teacher_seeds", "--dataset", "digits", "--teacher-arch", "cnn-tiny", "--teacher-epochs", "1",
+            "--teachers", "ce,cmim", "--seeds", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    run_cli(*args)
+    result = json.loads((tmp_path / "out" / "teacher-seeds-digits.json").read_text())
+    ce, cmim = result["teachers"]["ce"], result["teachers"]["cmim"]
+    runs = tmp_path / "work" / "digits" / "runs"
+    assert [json.loads((runs / f"cmim-s{s}" / "config.json").read_text())["train"]["seed"] for s in (0, 1)] == [0, 1]
+    drop = cmim["drop_vs_ce"]
+    assert drop["per_seed"] == [round(100 * (ce["accuracy"][s] - cmim["accuracy"][s]), 3) for s in ("0", "1")]
+    assert drop["upper"] >= drop["mean"] and cmim["drop_within_target"] == (drop["mean"] <= 0.3)
+    stamps = {p: p.stat().st_mtime for p in runs.glob("*/model.pt")}
+    run_cli(*args)  # every run reused
+    assert {p: p.stat().st_mtime for p in runs.glob("*/model.pt")} == stamps
+    assert "| cmim |" in (tmp_path / "out" / "teacher-seeds-digits.md").read_text()
