@@ -71,8 +71,21 @@ def _load_compatible(run_dir: str, config: dict, role: str) -> torch.nn.Module:
 
 def run_training(args: argparse.Namespace) -> dict | None:
     """Train (or resume) a teacher; returns a summary, or None when interrupted."""
-    out: Path = args.out
     rank, world = distributed_context()
+    try:
+        summary = _train(args, rank, world)
+        if world > 1:
+            torch.distributed.barrier()  # no rank tears the group down while another still uses it
+        return summary
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            # A gloo group left to the interpreter's exit can abort the process (SIGABRT, "terminate called
+            # without an active exception") after a successful run: tear it down explicitly.
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, rank: int, world: int) -> dict | None:
+    out: Path = args.out
     if args.resume:
         config = read_config(out)
     else:
