@@ -30,6 +30,12 @@ def final_metrics(run: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def training_seconds(run: Path) -> float:
+    """A run's training time as its epochs recorded it (the real cost even when this invocation reused the run)."""
+    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sum(json.loads(line).get("seconds", 0.0) for line in lines)
+
+
 def paired_drop(ce: list[float], other: list[float]) -> dict:
     """CE − other in points, paired by seed: mean, std, one-sided 95% upper bound (Student t; None under 2 seeds)."""
     d = [100 * (a - b) for a, b in zip(ce, other)]
@@ -44,9 +50,13 @@ def paired_drop(ce: list[float], other: list[float]) -> dict:
 def markdown(result: dict) -> str:
     s, rows = result["settings"], result["teachers"]
     seeds = sorted({k for r in rows.values() for k in r["accuracy"]}, key=int)
+    recorded = sum(x for r in rows.values() for x in r.get("training_seconds", {}).values())
+    runs = sum(len(r.get("training_seconds", {})) for r in rows.values())
     lines = [f"# Teacher accuracy over seeds: {s['dataset']}", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
-             f"Date: {result['date']} ({result['wall_seconds'] / 60:.1f} min wall)", "",
+             f"Date: {result['date']}; training time recorded in the runs: {recorded / 60:.1f} min, "
+             f"{recorded / 60 / max(1, runs):.1f} min per teacher (this invocation: {result['wall_seconds'] / 60:.1f} "
+             "min wall)", "",
              f"`{s['teacher_arch']}`, {s['teacher_epochs']} epochs on {s['train_limit'] or 'all'} training rows; test "
              "accuracy (%) of the last epoch; drop = CE − teacher in points, paired by seed, with its one-sided 95% "
              "upper bound (Student t).", "",
@@ -87,7 +97,7 @@ def main() -> None:
     work = args.work / args.dataset
     rows: dict[str, dict] = {}
     for name in names:
-        accuracy, cmi = {}, []
+        accuracy, cmi, seconds = {}, [], {}
         for seed in range(args.seeds):
             run_name = f"{name}-s{seed}"
             cmd = train_command(work, run_name, specs[name], argparse.Namespace(**{**vars(args), "teacher_seed": seed}))
@@ -99,10 +109,12 @@ def main() -> None:
                     if subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
                         raise SystemExit(f"teacher {run_name} failed; see {log}")
             m = final_metrics(work / "runs" / run_name)
+            seconds[str(seed)] = round(training_seconds(work / "runs" / run_name), 1)
             accuracy[str(seed)] = m["test_acc"]
             cmi.append(m["test_cmi"]["1"])
         rows[name] = {"flags": specs[name].get("flags", []), "accuracy": accuracy,
-                      "mean_accuracy": statistics.fmean(accuracy.values()), "mean_cmi_1": statistics.fmean(cmi)}
+                      "mean_accuracy": statistics.fmean(accuracy.values()), "mean_cmi_1": statistics.fmean(cmi),
+                      "training_seconds": seconds}
         if name != "ce":
             rows[name]["drop_vs_ce"] = paired_drop(list(rows["ce"]["accuracy"].values()), list(accuracy.values()))
             rows[name]["drop_within_target"] = rows[name]["drop_vs_ce"]["mean"] <= DROP_MAX_POINTS

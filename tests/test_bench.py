@@ -90,4 +90,8 @@ def test_teacher_seeds_benchmark_pairs_the_drop_by_seed_and_reuses_runs(tmp_path
     stamps = {p: p.stat().st_mtime for p in runs.glob("*/model.pt")}
     run_cli(*args)  # every run reused
     assert {p: p.stat().st_mtime for p in runs.glob("*/model.pt")} == stamps
+    again = json.loads((tmp_path / "out" / "teacher-seeds-digits.json").read_text())["teachers"]
+    # the training time comes from the runs' epochs, so a rerun that only reuses them still reports it
+    assert again["cmim"]["training_seconds"] == cmim["training_seconds"] and all(
+        v > 0 for r in again.values() for v in r["training_seconds"].values())
     assert "| cmim |" in (tmp_path / "out" / "teacher-seeds-digits.md").read_text()
