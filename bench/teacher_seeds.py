@@ -24,16 +24,19 @@ from bench.protection import ROOT, provenance, teacher_spec, train_command
 DROP_MAX_POINTS = 0.3
 
 
+def epoch_records(run: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per finished epoch."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def final_metrics(run: Path) -> dict:
     """The last epoch's line of a finished run's metrics.jsonl."""
-    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1])
+    return epoch_records(run)[-1]
 
 
 def training_seconds(run: Path) -> float:
     """A run's training time as its epochs recorded it (the real cost even when this invocation reused the run)."""
-    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sum(json.loads(line).get("seconds", 0.0) for line in lines)
+    return sum(r.get("seconds", 0.0) for r in epoch_records(run))
 
 
 def paired_drop(ce: list[float], other: list[float]) -> dict:
