@@ -48,7 +48,7 @@ _VARIANTS: dict[str, list[str] | dict] = {
     "cmim-lam40-T0.25-16-warm": ["--lam", "40", "--lam-warmup", "0.3", "--temperatures", "0.25,0.5,1,2,4,8,16"],
     # w(T) = T² keeps the high-T terms (the within-class spread of all logits, which logit-mse regresses on)
     **{f"cmim-lam{lam}-T0.25-16-T2-warm": ["--lam", str(lam), "--lam-warmup", "0.3", "--weighting", "T2",
-                                          "--temperatures", "0.25,0.5,1,2,4,8,16"] for lam in (10, 15, 20, 30)},
+                                          "--temperatures", "0.25,0.5,1,2,4,8,16"] for lam in (10, 15, 17.5, 20, 30)},
     # CMI at the teacher's calibrated scale: temperatures relative to the NLL-optimal τ, so that shrinking the logits
     # (which calibrated-kd undoes) no longer lowers the term
     "cmim-rel-lam2": ["--calibrated", "--lam", "2", "--lam-warmup", "0.3"],

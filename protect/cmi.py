@@ -220,7 +220,8 @@ def aggregate(terms: Tensor, temperatures: Sequence[float], aggregator: Aggregat
 # (the within-class spread of all logits, which logit-mse regresses on) from vanishing. The former default
 # (λ 40, w 1, T 1–16) was inconclusive against calibrated-kd and logit-mse (bench/results/ablation-battery-*.md).
 # Lower λ on this grid leaks: λ 10 via vid, λ 15 via logit-mse (+0.28 points at 12 seeds, bench/results/
-# protection-cmim-lam15-12seeds-fashion-mnist.md), though both keep CE's accuracy.
+# protection-cmim-lam15-12seeds-fashion-mnist.md), and λ 17.5 cannot bound logit-mse's gain (+0.13, ≤ +0.34 at 12
+# seeds), though all three keep CE's accuracy.
 CMIM_DEFAULT_LAMBDA = 20.0
 CMIM_DEFAULT_TEMPERATURES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 CMIM_DEFAULT_WEIGHTING: Weighting = "T2"
