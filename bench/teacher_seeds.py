@@ -5,7 +5,7 @@ One teacher per mode measures a difference of a few tenths of a point with run-t
 11's target (CMIM ≥ CE − 0.3 points) is read here as the mean paired drop with its one-sided 95% upper bound.
 Finished runs are reused. Results: bench/results/teacher-seeds-<dataset>.{json,md}.
 
-    python -m bench.teacher_seeds --seeds 3                      # CE and CMIM (defaults), cnn-small, 12 epochs
+    python -m bench.teacher_seeds --seeds 3                      # CE and CMIM (defaults), cnn-small, 16 epochs
     python -m bench.teacher_seeds --teachers ce,cmim,cmim-lam60-warm --seeds 5 --device cuda
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", help="where the dataset's files are (default: the Debian path)")
     p.add_argument("--teacher-arch", default="cnn-small")
-    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--teacher-epochs", type=int, default=16, help="the protection benchmark's")
     p.add_argument("--train-limit", type=int, default=0, help="training rows (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=Path("bench/work/teacher-seeds"))
