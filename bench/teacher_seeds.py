@@ -19,7 +19,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from bench.protection import ROOT, provenance, teacher_spec, train_command
+from bench.protection import ROOT, TEACHER_EPOCHS, provenance, teacher_spec, train_command
 
 DROP_MAX_POINTS = 0.3
 
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", help="where the dataset's files are (default: the Debian path)")
     p.add_argument("--teacher-arch", default="cnn-small")
-    p.add_argument("--teacher-epochs", type=int, default=16, help="the protection benchmark's")
+    p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS, help="the protection benchmark's")
     p.add_argument("--train-limit", type=int, default=0, help="training rows (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=Path("bench/work/teacher-seeds"))
