@@ -100,6 +100,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict | None:
     options = dict(config["objective_options"])
     if config["mode"] == "nasty":
         options["reference"] = _load_compatible(config["reference"], config, "--reference")
+    # The initial weights follow --seed, so two runs with the same flags train the same model.
+    torch.manual_seed(config["train"]["seed"])
     model = create_model(config["arch"], splits.num_classes, c, h) if ":" in config["arch"] else build_model(config)
     if config.get("init") and not args.resume:
         init = _load_compatible(config["init"], config, "--init")
