@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default="cosine", choices=["cosine", "step", "none"])
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 disables)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights and the data order: the same flags and seed train the same model "
+                        "on the same machine")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes (data is in memory)")
