@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from serving.config import DEFAULT_KEYS_DB, PREFIX
-from serving.ledger import Ledger
+from serving.ledger import Ledger, LedgerBusy, LedgerUnavailable
 
 
 def _when(ts) -> str:
@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     ls = sub.add_parser("list", help="keys with their budgets and usage")
     ls.add_argument("--json", action="store_true")
-    r = sub.add_parser("revoke", help="revoke a key by name (or its 8-character prefix)")
+    r = sub.add_parser("revoke", help="revoke a key by its name or its whole 8-character prefix (an argument that "
+                       "matches more than one key is refused, listing them)")
     r.add_argument("name")
     led = sub.add_parser("ledger", help="the latest batches served to a key (digest = sha256 of the request body)")
-    led.add_argument("name", nargs="?", help="key name or prefix (default: batches served while the service ran open)")
+    led.add_argument("name", nargs="?", help="key name or whole prefix (default: batches served while the service ran "
+                     "open)")
     led.add_argument("--limit", type=int, default=20)
     led.add_argument("--json", action="store_true")
     return p
@@ -69,6 +71,17 @@ def check_limits(budget: int | None, rate: float | None) -> str | None:
     return None
 
 
+def one_key(ledger: Ledger, arg: str, active_only: bool) -> tuple[dict | None, str | None]:
+    """The one key named `arg` or whose prefix is `arg`; else why not (none, or several: listed)."""
+    found = ledger.find(arg, active_only=active_only)
+    if not found:
+        return None, f"no {'active ' if active_only else ''}key named {arg!r} or with that prefix"
+    if len(found) > 1:
+        listed = ", ".join(f"{k['name']!r} (prefix {k['prefix']})" for k in found)
+        return None, f"{arg!r} matches {len(found)} keys: {listed}; give the name of one, or its whole prefix"
+    return found[0], None
+
+
 def _limit(value, unit: str) -> str:
     return "unlimited" if value is None else f"{value:g} {unit}"
 
@@ -84,49 +97,66 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ledger = Ledger(path)
     try:
-        if args.command == "init":
-            existed = path.is_file()
-            ledger.active_keys()  # creates the file and its tables
-            print(f"{'keys database already exists' if existed else 'created keys database'}: {path}")
-        elif args.command == "add":
-            try:
-                key = ledger.add_key(args.name, args.budget, args.rate)
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            if args.json:
-                print(json.dumps({"name": args.name, "key": key, "budget": args.budget, "rate": args.rate}))
-            else:
-                print(key)
-                print(f"(key for {args.name!r} in {path}: budget {_limit(args.budget, 'rows')}, rate "
-                      f"{_limit(args.rate, 'rows/min')}; it is not shown again)", file=sys.stderr)
-        elif args.command == "list":
-            keys = ledger.list_keys()
-            if args.json:
-                print(json.dumps(keys, indent=2))
-            else:
-                print(f"{'name':<16} {'prefix':<9} {'budget':>10} {'served':>10} {'left':>10} {'rate/min':>9} "
-                      f"{'requests':>8} {'refused':>7}  {'first seen':<19}  {'last seen':<19}  status")
-                for k in keys:
-                    left = "-" if k["row_budget"] is None else k["row_budget"] - k["rows_served"]
-                    print(f"{k['name']:<16} {k['prefix']:<9} {k['row_budget'] if k['row_budget'] is not None else '-':>10} "
-                          f"{k['rows_served']:>10} {left:>10} {k['rate_rows_per_min'] or '-':>9} {k['requests']:>8} "
-                          f"{k['refused']:>7}  {_when(k['first_seen']):<19}  {_when(k['last_seen']):<19}  "
-                          f"{'revoked ' + _when(k['revoked']) if k['revoked'] else 'active'}")
-        elif args.command == "revoke":
-            if not ledger.revoke(args.name):
-                print(f"error: no active key named {args.name!r}", file=sys.stderr)
-                return 1
-            print(f"revoked {args.name}")
-        elif args.command == "ledger":
-            rows = ledger.batches(args.name, args.limit)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                for b in rows:
-                    print(f"{_when(b['ts'])}  {b['endpoint']:<15} {b['rows']:>7} rows  {b['digest']}")
+        return _run(args, ledger, path)
+    except (LedgerBusy, LedgerUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         ledger.close()
+
+
+def _run(args: argparse.Namespace, ledger: Ledger, path: Path) -> int:
+    """One subcommand; 0 on success, 1 when the key or the name is refused."""
+    if args.command == "init":
+        existed = path.is_file()
+        ledger.active_keys()  # creates the file and its tables
+        print(f"{'keys database already exists' if existed else 'created keys database'}: {path}")
+    elif args.command == "add":
+        try:
+            key = ledger.add_key(args.name, args.budget, args.rate)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"name": args.name, "key": key, "budget": args.budget, "rate": args.rate}))
+        else:
+            print(key)
+            print(f"(key for {args.name!r} in {path}: budget {_limit(args.budget, 'rows')}, rate "
+                  f"{_limit(args.rate, 'rows/min')}; it is not shown again)", file=sys.stderr)
+    elif args.command == "list":
+        keys = ledger.list_keys()
+        if args.json:
+            print(json.dumps(keys, indent=2))
+        else:
+            print(f"{'name':<16} {'prefix':<9} {'budget':>10} {'served':>10} {'left':>10} {'rate/min':>9} "
+                  f"{'requests':>8} {'refused':>7}  {'first seen':<19}  {'last seen':<19}  status")
+            for k in keys:
+                left = "-" if k["row_budget"] is None else k["row_budget"] - k["rows_served"]
+                print(f"{k['name']:<16} {k['prefix']:<9} {k['row_budget'] if k['row_budget'] is not None else '-':>10} "
+                      f"{k['rows_served']:>10} {left:>10} {k['rate_rows_per_min'] or '-':>9} {k['requests']:>8} "
+                      f"{k['refused']:>7}  {_when(k['first_seen']):<19}  {_when(k['last_seen']):<19}  "
+                      f"{'revoked ' + _when(k['revoked']) if k['revoked'] else 'active'}")
+    elif args.command == "revoke":
+        key, problem = one_key(ledger, args.name, active_only=True)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+        ledger.revoke(key["id"])
+        print(f"revoked {key['name']} (prefix {key['prefix']})")
+    elif args.command == "ledger":
+        key_id = None
+        if args.name is not None:
+            key, problem = one_key(ledger, args.name, active_only=False)
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                return 1
+            key_id = key["id"]
+        rows = ledger.batches(key_id, args.limit)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for b in rows:
+                print(f"{_when(b['ts'])}  {b['endpoint']:<15} {b['rows']:>7} rows  {b['state']:<8}  {b['digest']}")
     return 0
 
 

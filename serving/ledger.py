@@ -1,12 +1,21 @@
 """API keys, row budgets, rates and the query ledger in one SQLite file.
 
-Every check-and-charge runs inside one `BEGIN IMMEDIATE` transaction, so concurrent requests (threads,
-workers, processes) cannot overspend a budget; writers queue on an flock (`DB.lock`) first. WAL with
-synchronous=NORMAL keeps every committed transaction across a crash or restart of the server process. Keys are
-stored as sha256 digests only.
+Admission is a reservation: `reserve` checks budget and rate and charges the rows in one `BEGIN IMMEDIATE`
+transaction before the model runs, so concurrent requests (threads, workers, processes) can never run the model
+beyond a budget. A request that fails before its answer is delivered is refunded (`refund`); a delivered one is
+marked served (`settle`) in the worker's next transaction, never in one of its own, so a successful request costs
+one write. A reservation still open after `RESERVATION_TTL` (longer than any request may run) belongs to a killed
+worker: `release_expired` gives its rows back and marks it `released`.
+
+Every call takes `wait`, the longest it may wait for the writers' flock (`DB.lock`) or SQLite's own locks; past it
+`LedgerBusy` is raised (the guard answers 503), so a stuck writer (a suspended CLI, an open `sqlite3` shell) never
+freezes a worker. The file's identity (device, inode) is checked on every call: a database replaced while serving is
+reopened, a deleted one raises `LedgerUnavailable`. WAL with synchronous=NORMAL keeps every committed transaction
+across a crash or restart of the server process. Keys are stored as sha256 digests only.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -29,7 +38,7 @@ CREATE TABLE IF NOT EXISTS keys (
     rate_rows_per_min REAL,        -- NULL: unlimited
     tokens REAL,                   -- token bucket for the rate, capacity = one minute of rows
     tokens_ts REAL,
-    rows_served INTEGER NOT NULL DEFAULT 0,
+    rows_served INTEGER NOT NULL DEFAULT 0,   -- rows charged: served and reserved
     requests INTEGER NOT NULL DEFAULT 0,
     refused INTEGER NOT NULL DEFAULT 0,
     first_seen REAL,
@@ -43,12 +52,28 @@ CREATE TABLE IF NOT EXISTS batches (
     ts REAL NOT NULL,
     endpoint TEXT NOT NULL,
     rows INTEGER NOT NULL,
-    digest TEXT NOT NULL           -- sha256 of the request body
+    digest TEXT NOT NULL,          -- sha256 of the request body
+    state TEXT NOT NULL DEFAULT 'served'   -- reserved (admitted, answer not yet delivered) | served | released
 );
 CREATE INDEX IF NOT EXISTS batches_key ON batches(key_id, ts);
 """
+# Databases made before reservations have no `state`: every batch they hold was served.
+MIGRATIONS = ["ALTER TABLE batches ADD COLUMN state TEXT NOT NULL DEFAULT 'served'",
+              "CREATE INDEX IF NOT EXISTS batches_open ON batches(state, ts)"]
 KEY_PREFIX = "ud_"
 KEY_STATE = "SELECT row_budget, rate_rows_per_min, tokens, tokens_ts, rows_served, revoked FROM keys WHERE id=?"
+# BentoML's request timeout is 300 s (serving/service.py): no live worker holds a reservation longer than that.
+REQUEST_TIMEOUT = 300.0
+RESERVATION_TTL = REQUEST_TIMEOUT + 60.0
+CLI_WAIT = 30.0  # the key CLI may wait this long for the lock; the service waits far less (serving/admission.py)
+
+
+class LedgerBusy(RuntimeError):
+    """The writers' lock or the database stayed locked for longer than the caller may wait."""
+
+
+class LedgerUnavailable(RuntimeError):
+    """The keys database is gone, or is no longer a keys database."""
 
 
 def hash_key(key: str) -> str:
@@ -61,7 +86,7 @@ def new_key() -> str:
 
 @dataclass
 class Decision:
-    """The outcome of `Ledger.precheck` or `Ledger.charge`: allowed (with the batch id to refund), or a refusal."""
+    """The outcome of an admission question: allowed (with the reserved batch), or a refusal to send as is."""
 
     allowed: bool
     status: int = 200
@@ -70,6 +95,11 @@ class Decision:
     retry_after: int | None = None
     batch_id: int | None = None
     key_id: int | None = None
+    rows: int = 0
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class Ledger:
@@ -79,69 +109,162 @@ class Ledger:
         self.path = Path(path)
         self.serving = serving
         self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
+        self._busy_ms = -1
         self._lock = threading.Lock()
         self._writer_fd: int | None = None
+        self._settled: collections.deque[int] = collections.deque()  # delivered, not yet marked served
+        self._checkpointer = False
 
     # -- plumbing
-    def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _open(self, wait: float) -> sqlite3.Connection:
+        if self.serving:  # the service never creates a keys database: a missing one is an error, not an empty ledger
+            target, uri = f"file:{self.path}?mode=rw", True
+        else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            target, uri = str(self.path), False
+        try:
+            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=0, uri=uri)
+        except sqlite3.OperationalError as exc:
+            raise LedgerUnavailable(f"cannot open the keys database {self.path}: {exc}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")  # the schema may wait for another writer
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
             conn.executescript(SCHEMA)
-            if self.serving:
-                # A commit that crosses 1000 WAL pages checkpoints the file and fsyncs it, inside the request that
-                # committed (tens of ms on a busy disk, with the worker's event loop waiting): a thread does it instead
-                conn.execute("PRAGMA wal_autocheckpoint=0")
-                threading.Thread(target=self._checkpoints, name="ledger-checkpoints", daemon=True).start()
-            self._conn = conn
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(batches)")}
+            if "state" not in columns:
+                conn.execute(MIGRATIONS[0])
+            conn.execute(MIGRATIONS[1])
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise (LedgerBusy if _busy(exc) else LedgerUnavailable)(f"{self.path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerUnavailable(f"{self.path} is not a keys database ({exc})") from None
+        self._busy_ms = -1
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
+        if self.serving and not self._checkpointer:
+            # A commit that crosses 1000 WAL pages checkpoints the file and fsyncs it, inside the request that
+            # committed (tens of ms on a busy disk, with the worker's event loop waiting): a thread does it instead
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = True
+            threading.Thread(target=self._checkpoints, name="ledger-checkpoints", daemon=True).start()
+        elif self.serving:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
+
+    def conn(self, wait: float = CLI_WAIT) -> sqlite3.Connection:
+        """The connection, reopened when the file at `path` is no longer the one it was opened on. Caller holds
+        `_lock`."""
+        if self._conn is not None:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                raise LedgerUnavailable(f"the keys database {self.path} was removed while serving; restore it or "
+                                        "restart the service") from None
+            if (st.st_dev, st.st_ino) != self._ident:  # replaced (rm + init, a restored backup): follow it
+                self._close_locked()
+        if self._conn is None:
+            self._conn = self._open(wait)
+        ms = int(wait * 1000)
+        if ms != self._busy_ms:
+            self._conn.execute(f"PRAGMA busy_timeout={ms}")
+            self._busy_ms = ms
         return self._conn
 
     def _checkpoints(self, every: float = 1.0) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         while True:
             time.sleep(every)
             try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                conn = sqlite3.connect(f"file:{self.path}?mode=rw", isolation_level=None, timeout=0, uri=True)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    conn.close()
             except sqlite3.Error:  # busy or gone: the next round tries again
                 pass
 
     @contextlib.contextmanager
-    def _writer(self):
-        """Writers queue on an flock beside the database before BEGIN IMMEDIATE. SQLite's own busy handler sleeps
-        1, 2, 5, 10… ms between tries, in the caller's thread: the worker's event loop. Measured with two processes
-        charging at once: 0.85 ms per charge, mostly asleep, 24% of them over 1 ms; queued on the lock, 0.15 ms."""
+    def _held(self, wait: float):
+        """This object's lock, waiting at most `wait` seconds."""
+        got = self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)
+        if not got:
+            raise LedgerBusy("another thread of this worker holds the ledger")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _writer(self, wait: float):
+        """Writers queue on an flock beside the database before BEGIN IMMEDIATE: SQLite's own busy handler sleeps
+        1, 2, 5, 10… ms between tries (measured with two processes charging at once: 0.85 ms per charge; queued on
+        the lock, 0.15 ms). Non-blocking tries until `wait` has passed, so a holder that never lets go costs a
+        bounded wait and a `LedgerBusy`, not a frozen worker."""
         if self._writer_fd is None:
             self._writer_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(self._writer_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LedgerBusy(f"{self.path}.lock is held by another process for over {wait:g} s") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
         try:
             yield
         finally:
             fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
 
-    def _tx(self, fn):
-        with self._lock:
-            conn = self.conn()
-            with self._writer():
-                conn.execute("BEGIN IMMEDIATE")
+    def _tx(self, fn, wait: float = CLI_WAIT):
+        """Run fn(conn) in one write transaction; marks the delivered batches served in the same commit."""
+        with self._held(wait):
+            conn = self.conn(wait)
+            with self._writer(wait):
+                settled = [self._settled.popleft() for _ in range(len(self._settled))]
                 try:
-                    result = fn(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        if settled:
+                            conn.executemany("UPDATE batches SET state='served' WHERE id=? AND state='reserved'",
+                                             [(i,) for i in settled])
+                        result = fn(conn)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                except BaseException as exc:
+                    self._settled.extendleft(reversed(settled))
+                    if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                        raise LedgerBusy(f"{self.path} stayed locked for over {wait:g} s") from None
                     raise
-                conn.execute("COMMIT")
                 return result
+
+    def _read(self, fn, wait: float = CLI_WAIT):
+        with self._held(wait):
+            try:
+                return fn(self.conn(wait))
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise LedgerBusy(f"{self.path} stayed locked for over {wait:g} s") from None
+                raise
+
+    def _close_locked(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._writer_fd is not None:
+            os.close(self._writer_fd)
+            self._writer_fd = None
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            if self._writer_fd is not None:
-                os.close(self._writer_fd)
-                self._writer_fd = None
+            self._close_locked()
 
     # -- key management (the CLI)
     def add_key(self, name: str, row_budget: int | None = None, rate: float | None = None,
@@ -159,39 +282,41 @@ class Ledger:
             raise ValueError(f"a key named {name!r} already exists (names are unique, revoked ones included)") from None
         return key
 
-    def revoke(self, name: str) -> bool:
-        return self._tx(lambda c: c.execute("UPDATE keys SET revoked=? WHERE (name=? OR prefix=?) AND revoked IS NULL",
-                                            (time.time(), name, name)).rowcount) > 0
+    def find(self, name_or_prefix: str, active_only: bool = False) -> list[dict]:
+        """Keys whose name, or whose whole 8-character prefix, is `name_or_prefix`."""
+        sql = "SELECT id, name, prefix, revoked FROM keys WHERE (name=? OR prefix=?)"
+        sql += " AND revoked IS NULL" if active_only else ""
+        rows = self._read(lambda c: c.execute(sql + " ORDER BY id", (name_or_prefix, name_or_prefix)).fetchall())
+        return [dict(zip(["id", "name", "prefix", "revoked"], r)) for r in rows]
+
+    def revoke(self, key_id: int) -> bool:
+        return self._tx(lambda c: c.execute("UPDATE keys SET revoked=? WHERE id=? AND revoked IS NULL",
+                                            (time.time(), key_id)).rowcount) > 0
 
     def list_keys(self) -> list[dict]:
-        with self._lock:
-            rows = self.conn().execute(
-                "SELECT id, name, prefix, row_budget, rate_rows_per_min, rows_served, requests, refused, first_seen,"
-                " last_seen, created, revoked FROM keys ORDER BY id").fetchall()
         cols = ["id", "name", "prefix", "row_budget", "rate_rows_per_min", "rows_served", "requests", "refused",
                 "first_seen", "last_seen", "created", "revoked"]
+        rows = self._read(lambda c: c.execute(f"SELECT {', '.join(cols)} FROM keys ORDER BY id").fetchall())
         return [dict(zip(cols, r)) for r in rows]
 
-    def batches(self, name: str | None = None, limit: int = 100) -> list[dict]:
-        with self._lock:
-            if name is None:
-                rows = self.conn().execute("SELECT b.id, NULL, b.ts, b.endpoint, b.rows, b.digest FROM batches b "
-                                           "WHERE b.key_id IS NULL ORDER BY b.id DESC LIMIT ?", (limit,)).fetchall()
-            else:
-                rows = self.conn().execute("SELECT b.id, k.name, b.ts, b.endpoint, b.rows, b.digest FROM batches b "
-                                           "JOIN keys k ON k.id = b.key_id WHERE k.name=? OR k.prefix=? "
-                                           "ORDER BY b.id DESC LIMIT ?", (name, name, limit)).fetchall()
-        return [dict(zip(["id", "key", "ts", "endpoint", "rows", "digest"], r)) for r in rows]
+    def batches(self, key_id: int | None = None, limit: int = 100) -> list[dict]:
+        """The latest batches of a key (None: those served while the service ran open)."""
+        def run(c):
+            if key_id is None:
+                return c.execute("SELECT b.id, NULL, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
+                                 "WHERE b.key_id IS NULL ORDER BY b.id DESC LIMIT ?", (limit,)).fetchall()
+            return c.execute("SELECT b.id, k.name, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
+                             "JOIN keys k ON k.id = b.key_id WHERE k.id=? ORDER BY b.id DESC LIMIT ?",
+                             (key_id, limit)).fetchall()
+        return [dict(zip(["id", "key", "ts", "endpoint", "rows", "digest", "state"], r)) for r in self._read(run)]
 
     # -- the guard's questions
     def active_keys(self) -> int:
-        with self._lock:
-            return self.conn().execute("SELECT COUNT(*) FROM keys WHERE revoked IS NULL").fetchone()[0]
+        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM keys WHERE revoked IS NULL").fetchone()[0])
 
-    def lookup(self, key: str) -> int | None:
-        with self._lock:
-            row = self.conn().execute("SELECT id FROM keys WHERE key_hash=? AND revoked IS NULL",
-                                      (hash_key(key),)).fetchone()
+    def lookup(self, key: str, wait: float = CLI_WAIT) -> int | None:
+        row = self._read(lambda c: c.execute("SELECT id FROM keys WHERE key_hash=? AND revoked IS NULL",
+                                             (hash_key(key),)).fetchone(), wait)
         return row[0] if row else None
 
     @staticmethod
@@ -217,50 +342,75 @@ class Ledger:
                             f"{wait} s", retry_after=max(1, wait)), None
         return None, tokens - rows
 
-    def _refuse(self, conn, key_id: int, refusal: Decision, now: float) -> Decision:
+    @staticmethod
+    def _count_refusal(conn, key_id: int, refusal: Decision, now: float) -> Decision:
         if refusal.status == 429:
             conn.execute("UPDATE keys SET refused = refused + 1, last_seen=? WHERE id=?", (now, key_id))
         return refusal
 
-    def precheck(self, key_id: int, rows: int) -> Decision:
-        """Would the key afford `rows` now? A read without the write lock, so that a request its key cannot pay for
-        never reaches the model; `charge` decides for good once the answer exists."""
+    def can_afford(self, key_id: int, rows: int = 1, wait: float = CLI_WAIT) -> Decision | None:
+        """The refusal a request of `rows` would get now, or None. A read, so that the guard can refuse a key with
+        nothing left before it reads the body; `reserve` decides for good."""
         now = time.time()
-        with self._lock:
-            row = self.conn().execute(KEY_STATE, (key_id,)).fetchone()
-        refusal, _ = self._assess(row, rows, now)
+        refusal, _ = self._assess(self._read(lambda c: c.execute(KEY_STATE, (key_id,)).fetchone(), wait), rows, now)
         if refusal is None:
-            return Decision(True, key_id=key_id)
-        return self._tx(lambda conn: self._refuse(conn, key_id, refusal, now))
+            return None
+        return self._tx(lambda conn: self._count_refusal(conn, key_id, refusal, now), wait)
 
-    def charge(self, key_id: int | None, rows: int, endpoint: str, digest: str) -> Decision:
-        """Check budget and rate and charge `rows` to the key, atomically; record the batch.
-
-        The guard calls it when the answer is ready and before it is sent, so rows are billed only for answers
-        that exist, and a concurrent burst cannot overspend (the check and the charge share one transaction)."""
+    def reserve(self, key_id: int | None, rows: int, endpoint: str, digest: str,
+                wait: float = CLI_WAIT) -> Decision:
+        """Check budget and rate and charge `rows` to the key, atomically, recording the batch as reserved."""
         now = time.time()
 
         def run(conn) -> Decision:
             if key_id is not None:
                 refusal, tokens = self._assess(conn.execute(KEY_STATE, (key_id,)).fetchone(), rows, now)
                 if refusal is not None:
-                    return self._refuse(conn, key_id, refusal, now)
+                    return self._count_refusal(conn, key_id, refusal, now)
                 conn.execute("UPDATE keys SET rows_served = rows_served + ?, requests = requests + 1,"
                              " first_seen = COALESCE(first_seen, ?), last_seen = ?, tokens = COALESCE(?, tokens),"
                              " tokens_ts = ? WHERE id=?", (rows, now, now, tokens, now, key_id))
-            cur = conn.execute("INSERT INTO batches (key_id, ts, endpoint, rows, digest) VALUES (?, ?, ?, ?, ?)",
-                               (key_id, now, endpoint, rows, digest))
-            return Decision(True, batch_id=cur.lastrowid, key_id=key_id)
+            cur = conn.execute("INSERT INTO batches (key_id, ts, endpoint, rows, digest, state) "
+                               "VALUES (?, ?, ?, ?, ?, 'reserved')", (key_id, now, endpoint, rows, digest))
+            return Decision(True, batch_id=cur.lastrowid, key_id=key_id, rows=rows)
 
-        return self._tx(run)
+        return self._tx(run, wait)
 
-    def refund(self, decision: Decision, rows: int) -> None:
-        """Undo a charge whose answer could not be delivered (sending it failed)."""
+    def settle(self, decision: Decision) -> None:
+        """The answer of a reserved batch was delivered: marked served in this worker's next transaction."""
+        self._settled.append(decision.batch_id)
+
+    def pending_settles(self) -> int:
+        return len(self._settled)
+
+    def flush(self, wait: float = CLI_WAIT) -> None:
+        """Commit the pending settles now (a worker with no next request, or about to exit)."""
+        if self._settled:
+            self._tx(lambda conn: None, wait)
+
+    def refund(self, decision: Decision, wait: float = CLI_WAIT) -> None:
+        """Undo a reservation whose answer was not delivered (refused by the model, client gone, send failed)."""
         def run(conn):
             conn.execute("DELETE FROM batches WHERE id=?", (decision.batch_id,))
             if decision.key_id is not None:
                 conn.execute("UPDATE keys SET rows_served = rows_served - ?, requests = requests - 1,"
                              " tokens = CASE WHEN rate_rows_per_min IS NULL THEN tokens"
                              " ELSE MIN(rate_rows_per_min, tokens + ?) END WHERE id=?",
-                             (rows, rows, decision.key_id))
-        self._tx(run)
+                             (decision.rows, decision.rows, decision.key_id))
+        self._tx(run, wait)
+
+    def release_expired(self, ttl: float = RESERVATION_TTL, wait: float = CLI_WAIT) -> int:
+        """Give back the rows of reservations older than `ttl` (their worker was killed); returns how many."""
+        cutoff = time.time() - ttl
+
+        def run(conn) -> int:
+            stale = conn.execute("SELECT id, key_id, rows FROM batches WHERE state='reserved' AND ts < ?",
+                                 (cutoff,)).fetchall()
+            for batch_id, key_id, rows in stale:
+                conn.execute("UPDATE batches SET state='released' WHERE id=?", (batch_id,))
+                if key_id is not None:
+                    conn.execute("UPDATE keys SET rows_served = rows_served - ?, requests = requests - 1 WHERE id=?",
+                                 (rows, key_id))
+            return len(stale)
+
+        return self._tx(run, wait)
