@@ -17,6 +17,7 @@ from protect.card import ONNX, ModelCard, normalise, verify_model_dir
 from serving.config import Settings
 from serving.errors import InputError
 from serving.policy import apply_array
+from serving.routes import MODEL, body_limit
 
 logger = logging.getLogger("serving")
 
@@ -224,6 +225,12 @@ def decode_image(data: bytes, card: ModelCard) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def body_limits(settings: Settings, card: ModelCard) -> dict[str, int]:
+    """Each prediction route's body limit in bytes: what max_rows rows take in its encoding, at most max_body_bytes."""
+    return {route: body_limit(media, settings.max_rows, card.input_shape, settings.max_body_bytes)
+            for route, media in MODEL.items()}
+
+
 # ---------------------------------------------------------------- the model
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -271,7 +278,8 @@ class Runtime:
             "classes": card.classes, "num_classes": card.num_classes, "input_shape": card.input_shape,
             "normalization": card.normalization.model_dump(), "model_sha256": card.onnx_sha256,
             "mode": card.mode, "output_policy": self.policy.as_dict(), "max_batch_rows": self.max_rows,
-            "max_body_bytes": self.settings.max_body_bytes, "dataset": card.dataset, "arch": card.arch,
+            "max_body_bytes": self.settings.max_body_bytes, "body_limits": body_limits(self.settings, card),
+            "dataset": card.dataset, "arch": card.arch,
             "test_accuracy": card.test_accuracy, "options": None if self.settings.hide_options else card.options,
             "input_dtypes": ["float32 in [0,1]", "uint8 0..255 (.npy only)"],
         }

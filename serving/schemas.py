@@ -70,7 +70,9 @@ class MetadataResponse(BaseModel):
     mode: str = Field(description="training mode of the model (cmim, mcmi, ce, ls, nasty)")
     output_policy: PolicyInfo
     max_batch_rows: int
-    max_body_bytes: int
+    max_body_bytes: int = Field(description="the ceiling of every route's body limit")
+    body_limits: dict[str, int] = Field(description="each prediction route's body limit in bytes: what max_batch_rows "
+                                        "rows take in its encoding (.npy float32, JSON text, one image)")
     dataset: str
     arch: str
     test_accuracy: float | None
