@@ -66,14 +66,16 @@ def test_serving_benchmark_measures_the_service_against_a_bare_baseline(model_di
     result = json.loads(out.read_text())
     assert result["command"] == (f"python -m bench.serving --model-dir {model_dir} --rounds 2 --requests 40 --batch 64 "
                                  f"--batches-per-round 2 --out {out}")
-    for field in ("single_c8_vs_bare", "single_c8_p99_over_p50"):
+    for field in ("single_c8_vs_bare", "single_c8_vs_bentoml", "single_c8_p99_over_p50"):
         assert math.isfinite(result[field]) and result[field] > 0, field
     c8 = result["single_image"]["c8"]
-    assert c8["service"]["requests"] == c8["bare"]["requests"] == 2 * 40 and len(c8["vs_bare_per_round"]) == 2
+    assert c8["service"]["requests"] == c8["bare"]["requests"] == c8["bentoml"]["requests"] == 2 * 40
+    assert len(c8["vs_bare_per_round"]) == len(c8["vs_bentoml_per_round"]) == 2
     assert result["single_c8_vs_bare"] == statistics.median(c8["vs_bare_per_round"])
+    assert result["single_c8_vs_bentoml"] == statistics.median(c8["vs_bentoml_per_round"])
     assert result["no_5xx"] and "keys required" in result["server"]["keys"]
     md = out.with_suffix(".md").read_text()
-    assert result["command"] in md and "bare Starlette" in md
+    assert result["command"] in md and "bare Starlette" in md and "without the gate" in md
 
 
 def test_teacher_seeds_benchmark_pairs_the_drop_by_seed_and_reuses_runs(tmp_path):
