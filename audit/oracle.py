@@ -361,13 +361,15 @@ class HttpOracle:
         body = self._request("GET", "/metadata", METADATA_LIMIT)
         try:
             meta = json.loads(body)
-            num_classes = int(meta["num_classes"])
+            num_classes, max_rows = int(meta["num_classes"]), meta.get("max_batch_rows")
             if num_classes < 1:
                 raise ValueError(f"num_classes {num_classes}")
+            if max_rows is not None and not (type(max_rows) is int and max_rows >= 1):
+                raise ValueError(f"max_batch_rows {max_rows!r}, not a whole number ≥ 1")
             self.info = OracleInfo(num_classes, [int(v) for v in meta["input_shape"]],
                                    list(meta.get("classes") or []), str(meta.get("model_sha256") or "").strip(),
                                    meta.get("mode"), parse_policy(meta.get("output_policy"), f"{self.url}/metadata"),
-                                   meta.get("max_batch_rows"), self.url)
+                                   max_rows, self.url)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OracleError(f"{self.url}/metadata did not return the expected JSON ({exc}); is this an "
                               "undistillable serving endpoint?") from exc

@@ -220,11 +220,16 @@ def test_a_hostile_answer_is_a_clear_error_and_nothing_of_it_is_cached(case, end
     oracle.close()
 
 
-@pytest.mark.parametrize("policy", [{"kind": "softmax"}, {"kind": "topk", "k": 0}, {"kind": "topk", "k": "2"},
-                                    {"kind": "probs", "decimals": -1}, "probs"])
-def test_an_output_policy_the_client_cannot_check_is_refused_at_metadata(policy, endpoint):
-    server = endpoint(policy=policy)
-    with pytest.raises(OracleError, match="output.policy"):
+@pytest.mark.parametrize("field, value, says", [
+    ("output_policy", {"kind": "softmax"}, "kind 'softmax'"), ("output_policy", {"kind": "topk", "k": 0}, "k=0"),
+    ("output_policy", {"kind": "topk", "k": "2"}, "k='2'"), ("output_policy", {"kind": "probs", "decimals": -1},
+                                                            "decimals=-1"),
+    ("output_policy", "probs", "declares output_policy 'probs'"), ("max_batch_rows", "64", "max_batch_rows '64'"),
+    ("max_batch_rows", 0, "max_batch_rows 0"), ("num_classes", 0, "num_classes 0")])
+def test_metadata_the_client_cannot_check_answers_against_is_refused(field, value, says, endpoint):
+    server = endpoint()
+    server.meta[field] = value
+    with pytest.raises(OracleError, match=rf"{server.url}/metadata.*{says}"):
         HttpOracle(server.url, retries=0).metadata()
     assert server.posts == 0
 
