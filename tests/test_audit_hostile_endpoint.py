@@ -167,9 +167,10 @@ ROUND2 = {"kind": "probs", "k": None, "decimals": 2}
 CASES = {
     "oversized, Content-Length announced": (PROBS, lambda a: Reply(npy(a), filler=FILLER), "announced a body of"),
     "oversized, no Content-Length": (PROBS, lambda a: Reply(npy(a), length=None, filler=FILLER), "sent more than"),
-    "gzip bomb": (PROBS, lambda a: Reply(gzip.compress(npy(a) + bytes(FILLER), 1), headers={"Content-Encoding": "gzip"}),
-                  "Content-Encoding 'gzip'"),
-    "header claims (10^12, 10)": (PROBS, lambda a: Reply(HUGE_SHAPE), r"shape \(1000000000000, 10\), expected \(4, 10\)"),
+    "gzip bomb": (PROBS, lambda a: Reply(gzip.compress(npy(a) + bytes(FILLER), 1),
+                                         headers={"Content-Encoding": "gzip"}), "Content-Encoding 'gzip'"),
+    "header claims (10^12, 10)": (PROBS, lambda a: Reply(HUGE_SHAPE),
+                                  r"shape \(1000000000000, 10\), expected \(4, 10\)"),
     "S4 strings": (PROBS, lambda a: Reply(npy(np.char.mod("%.2f", a).astype("S4"))), "dtype '|S4'"),
     "U8 strings": (PROBS, lambda a: Reply(npy(a.astype("U8"))), "dtype '<U8'"),
     "int64": (LABEL, lambda a: Reply(npy(a.astype(np.int64))), "dtype '<i8'"),
@@ -188,7 +189,8 @@ CASES = {
                                          r"has 10 non-zero entries \(top-k with k=2 allows at most 2\)"),
     "topk row summing above 1": (TOPK2, edited(set_entries(0, [0.7, 0.7] + [0] * 8)),
                                  r"row 0 of the batch: sums to 1.4"),
-    "not one-hot under label": (LABEL, edited(set_entries(2, [0.5, 0.5] + [0] * 8)), r"row 2 of the batch: is not one-hot"),
+    "not one-hot under label": (LABEL, edited(set_entries(2, [0.5, 0.5] + [0] * 8)),
+                                r"row 2 of the batch: is not one-hot"),
 }
 
 
