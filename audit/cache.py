@@ -7,8 +7,12 @@ REPORT_DIR/cache/
   counters.json      rows and requests sent, over all sessions of this audit
 
 A rerun with the same audit identity asks only for the rows it lacks; a different identity is refused
-(`CacheMismatchError`) rather than mixed. Answers are flushed before their `have` flags, so a crash between
-the two can only make a row be asked again, never be read unanswered.
+(`CacheMismatchError`, naming each field that differs) rather than mixed. The endpoint's URL is not part of the
+identity: a resumed audit may find the same model on another port. The model is identified by the sha256 the
+oracle reports, so an oracle that reports none is refused (`UnidentifiedModelError`) unless the caller allows it
+(`audit run --allow-unidentified-model`): two such models could not be told apart on resume. Answers are flushed
+before their `have` flags, so a crash between the two can only make a row be asked again, never be read
+unanswered.
 """
 from __future__ import annotations
 
@@ -29,6 +33,16 @@ class CacheMismatchError(RuntimeError):
     """The report directory holds the cache of a different audit."""
 
 
+class UnidentifiedModelError(CacheMismatchError):
+    """The oracle reports no model sha256: its answers could not be told from another model's on resume."""
+
+
+# What a differing fingerprint field means, for the refusal's message.
+FIELD_MEANING = {"model_sha256": "the oracle serves another model", "output_policy": "the oracle reveals its "
+                 "answers under another output policy", "dataset": "another --dataset", "input_shape": "another "
+                 "input shape", "rows": "another transfer-set size (--budget)", "num_classes": "another class count"}
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -36,7 +50,14 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 class AnswerCache:
-    def __init__(self, report_dir: str | Path, fingerprint: dict, rows: int, num_classes: int):
+    def __init__(self, report_dir: str | Path, fingerprint: dict, rows: int, num_classes: int, *,
+                 allow_unidentified: bool = False, source: str = "the oracle"):
+        if not str(fingerprint.get("model_sha256") or "").strip() and not allow_unidentified:
+            raise UnidentifiedModelError(
+                f"{source} reports no model_sha256 in /metadata, so its cached answers could not be told from "
+                "another model's when the audit resumes. Serve the model with its model.json (serving reports its "
+                "onnx_sha256), or pass --allow-unidentified-model to audit it anyway (then resume only against the "
+                "very same model). Nothing was queried.")
         self.dir = Path(report_dir) / CACHE_DIR
         self.fingerprint = {**fingerprint, "rows": int(rows), "num_classes": int(num_classes)}
         self.rows, self.num_classes = int(rows), int(num_classes)
@@ -49,10 +70,13 @@ class AnswerCache:
             diff = {k: (old.get(k), v) for k, v in self.fingerprint.items() if old.get(k) != v}
             diff.update({k: (v, None) for k, v in old.items() if k not in self.fingerprint})
             if diff:
-                parts = "; ".join(f"{k}: cached {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+                parts = "; ".join(f"{k}: cached {a!r}, now {b!r}" + (f" ({FIELD_MEANING[k]})" if k in FIELD_MEANING
+                                                                       else "") for k, (a, b) in sorted(diff.items()))
                 raise CacheMismatchError(
-                    f"{self.dir.parent} holds the answer cache of a different audit ({parts}). Refusing to mix "
-                    "answers: choose another --out directory (the cache there is left untouched).")
+                    f"{self.dir.parent} holds the answer cache of a different audit; {', '.join(sorted(diff))} "
+                    f"differ{'s' if len(diff) == 1 else ''}: {parts}. Refusing to mix answers: choose another "
+                    "--out directory (the cache there is left untouched), or resume against the model, policy and "
+                    "dataset it was made with.")
             self.answers = np.load(self.dir / ANSWERS, mmap_mode="r+")
             self.have = np.load(self.dir / HAVE, mmap_mode="r+")
             if self.answers.shape != (self.rows, self.num_classes) or self.have.shape != (self.rows,):

@@ -29,6 +29,9 @@ seeds in rounds 3, 5, 8, 12 until decided, splitting --alpha over the looks).
 
 Every row is queried once per audit: answers are cached in OUT/cache as they arrive, so rerunning the same
 command after an interruption asks only for the missing rows and retrains only unfinished students.
+Every answer is checked before it is cached: a float array of the rows × classes asked, finite, in [0, 1]
+and consistent with the output policy /metadata declares; a bad batch stops the audit (exit 1), uncached.
+An endpoint that reports no model_sha256 is refused (exit 2) unless --allow-unidentified-model is given.
 Exit status: 0 done (whatever the outcome), 1 oracle/report/student failure, 2 bad input, 130 interrupted.
 """
 
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retries", type=int, default=5, help="retries on connection errors, 429 and 503 (default 5)")
     r.add_argument("--max-wait", type=float, default=60.0, help="longest single wait between retries, s (default 60)")
     r.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout per request, s (default 60)")
+    r.add_argument("--allow-unidentified-model", action="store_true",
+                   help="audit an endpoint whose /metadata reports no model_sha256 (refused by default: a resumed "
+                        "audit could not tell its cached answers from another model's)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--out", required=True, type=Path, help="report directory (cache, students, report.*)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or table")
@@ -158,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, lr=args.lr, batch_size=args.batch_size, query_batch=args.query_batch,
         floor=args.floor, device=args.device, jobs=args.jobs, threads=args.threads, alpha=args.alpha,
         margin=args.margin, references=args.references, progress=not args.quiet,
-        command=_redacted_command(args.argv))
+        command=_redacted_command(args.argv), allow_unidentified_model=args.allow_unidentified_model)
     if args.endpoint:
         oracle = HttpOracle(args.endpoint, args.api_key, timeout=args.timeout, retries=args.retries,
                             max_wait=args.max_wait)
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from audit.cache import CacheMismatchError
     from audit.oracle import OracleError, OracleMismatchError
+    from audit.recover import AnswersNotProbabilitiesError
     from audit.report import ReportError
     from audit.runner import AuditUsageError
     from audit.students import StudentFailedError
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (UnknownNameError, UsageError, AuditUsageError, DatasetNotFoundError, OracleMismatchError,
-            CacheMismatchError) as exc:
+            CacheMismatchError, AnswersNotProbabilitiesError) as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (OracleError, ModelDirError, ReportError, NonFiniteLossError, StudentFailedError) as exc:

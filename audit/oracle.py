@@ -2,8 +2,9 @@
 
 `HttpOracle` talks to a served model (`GET /metadata`, `POST /predict_npy` with raw .npy bodies, see
 docs/interfaces.md); `OnnxOracle` runs an exported model directory in-process. Both answer raw [0, 1]
-pixels (N, C, H, W) with probability-like rows (N, num_classes) under the model's output policy.
-`collect_answers` fills an `AnswerCache` batch by batch, asking only for the rows it lacks.
+pixels (N, C, H, W) with probability-like rows (N, num_classes) under the model's output policy, each answer
+checked against that policy (`audit.answers`) before it is returned. `collect_answers` fills an `AnswerCache`
+batch by batch, asking only for the rows it lacks; a batch that fails the checks raises and is never stored.
 """
 from __future__ import annotations
 
@@ -18,21 +19,13 @@ from typing import Protocol
 
 import numpy as np
 
+from audit.answers import check_answers, parse_policy
+from audit.errors import (OracleAnswerError, OracleAuthError, OracleError, OracleMismatchError,  # noqa: F401
+                          OracleUnavailableError)
+from audit.npy_answer import decode_answer, max_answer_bytes
 
-class OracleError(RuntimeError):
-    """The oracle cannot answer; the message says why and what to do."""
-
-
-class OracleAuthError(OracleError):
-    """401/403: no or wrong API key."""
-
-
-class OracleUnavailableError(OracleError):
-    """Connection failures, 503s or 429s that outlasted the retries."""
-
-
-class OracleMismatchError(OracleError):
-    """The model behind the oracle does not fit the dataset (classes, input shape)."""
+METADATA_LIMIT = 4 << 20  # /metadata is a few hundred bytes (a class list of thousands of names fits too)
+ERROR_LIMIT = 64 << 10  # an error body is read this far for its message, no further
 
 
 @dataclass
@@ -113,7 +106,7 @@ class OnnxOracle:
         except ModelDirError as exc:
             raise OracleError(str(exc)) from exc
         card = self.predictor.card
-        self.policy = dict(policy or {"kind": "probs", "k": None, "decimals": None})
+        self.policy = parse_policy(policy, f"--model {model_dir}")
         self.info = OracleInfo(card.num_classes, list(card.input_shape), list(card.classes), card.onnx_sha256,
                                card.mode, self.policy, None, str(Path(model_dir).resolve()))
         self.card = card
@@ -126,7 +119,8 @@ class OnnxOracle:
         logits -= logits.max(1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(1, keepdims=True)
-        return apply_policy(probs.astype(np.float32), self.policy)
+        answers = apply_policy(probs.astype(np.float32), self.policy)
+        return check_answers(answers, len(raw), self.info.num_classes, self.policy, self.info.source)
 
     def close(self) -> None:
         pass
@@ -149,7 +143,8 @@ def _retry_after(value: str | None) -> float | None:
 
 class HttpOracle:
     """A served model over HTTP. Retries connection errors, 429 and 503 with exponential backoff (honouring
-    Retry-After) up to `retries` times; 401/403 stop at once."""
+    Retry-After) up to `retries` times; 401/403 stop at once. Every body is read within a bound (an answer:
+    what rows × classes float64 take), uncompressed, and every answer is checked (`audit.answers`)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, retries: int = 5,
                  backoff: float = 0.5, max_wait: float = 60.0, transport=None,
@@ -157,35 +152,47 @@ class HttpOracle:
         import httpx
 
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # identity: a compressed body could inflate past any bound the client sets on the bytes it reads
+        headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
         self.retries, self.backoff, self.max_wait, self.sleep = retries, backoff, max_wait, sleep
         self.requests = 0
         self.retried = 0
         self.info: OracleInfo | None = None
 
-    def _request(self, method: str, path: str, **kwargs):
+    def _send(self, method: str, path: str, limit: int, **kwargs) -> tuple[int, object, bytes]:
+        """(status, headers, body) of one request: a success's body within `limit` (OracleAnswerError beyond),
+        an error's first ERROR_LIMIT bytes (for its message)."""
+        response = self.client.send(self.client.build_request(method, path, **kwargs), stream=True)
+        self.requests += 1
+        try:
+            ok = response.status_code < 400
+            body = _read_bounded(response, limit if ok else ERROR_LIMIT, f"{self.url}{path}", truncate=not ok)
+        finally:
+            response.close()  # unread bytes are never fetched: the connection is dropped
+        return response.status_code, response.headers, body
+
+    def _request(self, method: str, path: str, limit: int, **kwargs) -> bytes:
+        """The body of a successful answer, at most `limit` bytes, after retries."""
         import httpx
 
         last = ""
         for attempt in range(self.retries + 1):
             wait = min(self.max_wait, self.backoff * 2**attempt)
             try:
-                response = self.client.request(method, path, **kwargs)
+                status, headers, body = self._send(method, path, limit, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 last = f"cannot connect to {self.url}: {type(exc).__name__}: {exc}"
             else:
-                self.requests += 1
-                status = response.status_code
                 if status < 400:
-                    return response
-                detail = _error_text(response)
+                    return body
+                detail = _error_text(body)
                 if status in (401, 403):
                     raise OracleAuthError(f"{self.url}{path}: HTTP {status} ({detail}). The API key is missing or "
                                           "not accepted: pass a valid one with --api-key. Stopped at once.")
                 if status not in (429, 503):
                     raise OracleError(f"{self.url}{path}: HTTP {status}: {detail}")
-                asked = _retry_after(response.headers.get("Retry-After"))
+                asked = _retry_after(headers.get("Retry-After"))
                 if asked is not None:
                     if asked > self.max_wait:
                         raise OracleUnavailableError(
@@ -199,44 +206,70 @@ class HttpOracle:
         raise OracleUnavailableError(f"{last} (gave up after {self.retries} retries)")
 
     def metadata(self) -> OracleInfo:
-        response = self._request("GET", "/metadata")
+        body = self._request("GET", "/metadata", METADATA_LIMIT)
         try:
-            meta = response.json()
-            policy = meta.get("output_policy") or {"kind": "probs", "k": None, "decimals": None}
-            self.info = OracleInfo(int(meta["num_classes"]), [int(v) for v in meta["input_shape"]],
-                                   list(meta.get("classes") or []), str(meta.get("model_sha256") or ""),
-                                   meta.get("mode"), policy, meta.get("max_batch_rows"), self.url)
-        except (ValueError, KeyError, TypeError) as exc:
+            meta = json.loads(body)
+            num_classes, max_rows = int(meta["num_classes"]), meta.get("max_batch_rows")
+            if num_classes < 1:
+                raise ValueError(f"num_classes {num_classes}")
+            if max_rows is not None and not (type(max_rows) is int and max_rows >= 1):
+                raise ValueError(f"max_batch_rows {max_rows!r}, not a whole number ≥ 1")
+            self.info = OracleInfo(num_classes, [int(v) for v in meta["input_shape"]],
+                                   list(meta.get("classes") or []), str(meta.get("model_sha256") or "").strip(),
+                                   meta.get("mode"), parse_policy(meta.get("output_policy"), f"{self.url}/metadata"),
+                                   max_rows, self.url)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OracleError(f"{self.url}/metadata did not return the expected JSON ({exc}); is this an "
                               "undistillable serving endpoint?") from exc
         return self.info
 
     def query(self, raw: np.ndarray) -> np.ndarray:
+        info = self.info or self.metadata()  # the answer is checked against the policy /metadata declares
+        rows, classes, source = len(raw), info.num_classes, f"{self.url}/predict_npy"
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(raw, dtype=np.float32), allow_pickle=False)
-        response = self._request("POST", "/predict_npy", content=buf.getvalue(),
-                                 headers={"Content-Type": "application/octet-stream"})
-        try:
-            answers = np.load(io.BytesIO(response.content), allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise OracleError(f"{self.url}/predict_npy returned something that is not an .npy array: {exc}") from exc
-        expected = (len(raw), self.info.num_classes if self.info else answers.shape[-1])
-        if answers.shape != expected:
-            raise OracleError(f"{self.url}/predict_npy answered shape {answers.shape}, expected {expected}")
-        return answers.astype(np.float32)
+        body = self._request("POST", "/predict_npy", max_answer_bytes(rows, classes), content=buf.getvalue(),
+                             headers={"Content-Type": "application/octet-stream"})
+        return check_answers(decode_answer(body, rows, classes, source), rows, classes, info.policy, source)
 
     def close(self) -> None:
         self.client.close()
 
 
-def _error_text(response) -> str:
+def _read_bounded(response, limit: int, source: str, truncate: bool = False) -> bytes:
+    """At most `limit` bytes of a streamed body: beyond, the first `limit` (truncate) or an OracleAnswerError.
+    A compressed body is refused (the client asked for none): its size says nothing about what it inflates to."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        if truncate:
+            return b""
+        raise OracleAnswerError(f"{source} answered with Content-Encoding {encoding!r} though the client asked for "
+                                "an uncompressed body (Accept-Encoding: identity); refused unread, nothing of this "
+                                "batch was cached.")
+    declared = response.headers.get("Content-Length", "")
+    if not truncate and declared.strip().isdigit() and int(declared) > limit:
+        raise OracleAnswerError(f"{source} announced a body of {int(declared)} bytes, more than the {limit} an "
+                                "answer to this request can take; refused unread, nothing of this batch was cached.")
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():  # identity only (checked above): the bytes as sent
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if truncate:
+                return b"".join(chunks)[:limit]
+            raise OracleAnswerError(f"{source} sent more than {limit} bytes, the most an answer to this request "
+                                    "can take; stopped reading, nothing of this batch was cached.")
+    return b"".join(chunks)
+
+
+def _error_text(body: bytes) -> str:
     try:
-        body = response.json()
-        if isinstance(body, dict):
-            return "; ".join(str(body[k]) for k in ("error", "detail") if body.get(k)) or json.dumps(body)[:200]
-    except ValueError:
+        obj = json.loads(body)
+        if isinstance(obj, dict):
+            return "; ".join(str(obj[k]) for k in ("error", "detail") if obj.get(k)) or json.dumps(obj)[:200]
+    except (ValueError, UnicodeDecodeError):
         pass
-    return response.text[:200]
+    return body[:200].decode("utf-8", "replace")
 
 
 def collect_answers(oracle: Oracle, cache, raw: np.ndarray, batch_rows: int, progress: bool = True) -> int:
@@ -252,7 +285,11 @@ def collect_answers(oracle: Oracle, cache, raw: np.ndarray, batch_rows: int, pro
               mininterval=0.5) as bar:
         for start in range(0, len(missing), batch_rows):
             idx = missing[start:start + batch_rows]
-            answers = oracle.query(raw[idx])
+            try:
+                answers = oracle.query(raw[idx])  # checked there: a bad batch raises before it is stored
+            except OracleAnswerError as exc:
+                where = f" (transfer-set row {int(idx[exc.row])})" if exc.row is not None else ""
+                raise OracleAnswerError(f"{exc}{where}", exc.row) from None
             cache.store(idx, answers)
             asked += len(idx)
             bar.update(len(idx))

@@ -72,6 +72,7 @@ class AuditSettings:
     margin: float = 0.3  # points
     progress: bool = True
     command: str = ""
+    allow_unidentified_model: bool = False  # cache the answers of an oracle that reports no model sha256
 
     def training_key(self) -> dict:
         """What makes two students comparable (a student from an earlier session is reused only if equal)."""
@@ -169,7 +170,8 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {"model_sha256": info.model_sha256, "output_policy": info.policy, "dataset": splits.name,
                    "input_shape": splits.input_shape}
-    cache = AnswerCache(out, fingerprint, rows, splits.num_classes)
+    cache = AnswerCache(out, fingerprint, rows, splits.num_classes,
+                        allow_unidentified=settings.allow_unidentified_model, source=info.source)
     cached_before = rows - len(cache.missing())
     _log(settings, f"oracle {info.source}: {info.num_classes} classes, policy {info.policy.get('kind')}; "
                    f"transfer set {rows} rows of {splits.name} ({cached_before} cached)")
