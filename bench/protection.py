@@ -135,7 +135,7 @@ def train_teachers(work: Path, names: list[str], specs: dict[str, dict], args) -
 
 def fit_recalibration(model: Path, dataset: str, data_dir: str | None) -> float:
     """τ minimising the NLL of the model's test logits on the first half of the test split (the other half is
-    where its ECE is reported)."""
+    where its ECE is reported), searched in protect.metrics.TAU_BOUNDS like every other temperature fit."""
     from protect.metrics import fit_temperature
     from protect.data import load_dataset
     from protect.predict import OnnxPredictor
@@ -143,7 +143,7 @@ def fit_recalibration(model: Path, dataset: str, data_dir: str | None) -> float:
     splits = load_dataset(dataset, data_dir)
     half = len(splits.test_y) // 2
     logits = torch.from_numpy(OnnxPredictor(model).logits(splits.test_x[:half].numpy()))
-    return fit_temperature(torch.log_softmax(logits.double(), 1), splits.test_y[:half], lo=0.05, hi=20.0)
+    return fit_temperature(torch.log_softmax(logits.double(), 1), splits.test_y[:half])
 
 
 def export(work: Path, name: str, run: Path, args, temperature: float = 1.0) -> Path:

@@ -43,17 +43,23 @@ class Variant:
     options: dict
     needs_soft: bool = True
     control: bool = False  # trained on a label-only "teacher" (one-hot true labels) instead of the oracle's answers
+    queries: str = "rows"  # the query strategy whose inputs it trains on (audit.queries); `name` ends in @queries
 
     @property
     def family(self) -> str:
         """The attack family (or reference) it belongs to: one test per family in the verdict."""
-        return self.attack
+        return self.attack if self.queries == "rows" else f"{self.attack}@{self.queries}"
 
     def label_control(self) -> "Variant":
         """The same recipe with the teacher replaced by the true labels: what it gains without the teacher."""
-        return Variant(f"{self.name}{CONTROL_SUFFIX}", self.attack, self.options, self.needs_soft, control=True)
+        return Variant(f"{self.name}{CONTROL_SUFFIX}", self.attack, self.options, self.needs_soft, control=True,
+                       queries=self.queries)
 
     def build(self, ctx: AttackContext) -> Objective:
+        if self.attack == "ls" and self.queries != "rows":  # label smoothing of mixed or top-1 label targets
+            from audit.queries.students import SoftLabelSmoothing
+
+            return SoftLabelSmoothing(ctx.num_classes, **self.options)
         if self.attack in REFERENCE_NAMES:
             return _build_reference(self.attack, ctx, **self.options)
         return ATTACKS.get(self.attack).build(ctx, **self.options)

@@ -1,0 +1,56 @@
+"""What the report says about query strategies: the queries each one asked and how the budget was split, the
+verdict's label-only reference (which won, by how much), each family's strategy and cost, and calibrated-kd's
+fitted τ (with a flag when it sits on a bound of `protect.metrics.TAU_BOUNDS`)."""
+from __future__ import annotations
+
+from audit.queries.reference import reference_summary
+
+BUDGET_RULE = ("--budget counts every query: each synthetic strategy asks --query-rounds × the training rows "
+               "(the rows outside the validation slice), and the real rows are the most that leave room for them")
+
+
+def family_cost(plan, name: str, seeds: int, rows_per_epoch: int) -> dict:
+    """Students trained, their seconds, and the rows they passed over (Σ epochs run × rows per epoch)."""
+    records = plan.students(name, seeds)
+    return {"students": len(records), "seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
+            "rows_per_epoch": rows_per_epoch, "row_epochs": sum(r.get("epochs_run", 0) for r in records) * rows_per_epoch}
+
+
+def fitted_tau(plan, name: str, seeds: int) -> dict | None:
+    """calibrated-kd's τ as its students recorded it, with the search range and whether it landed on a bound."""
+    from protect.metrics import TAU_BOUNDS, at_tau_bound
+
+    taus = sorted({r["options"]["calibration_temperature"] for r in plan.students(name, seeds)
+                   if "calibration_temperature" in (r.get("options") or {})})
+    if not taus:
+        return None
+    bound = at_tau_bound(taus[0]) or at_tau_bound(taus[-1])
+    return {"tau": taus[0] if len(taus) == 1 else taus, "bounds": list(TAU_BOUNDS), "at_bound": bound}
+
+
+def add_query_fields(report: dict, plan, seeds: int, entries: dict, budget: int | None) -> None:
+    from audit.report import describe_verdict
+
+    q = report["queries"]
+    rows = q["transfer_rows"]
+    n_train = report["training"]["train_rows"]
+    synthetic = sum(e["queries"] for e in entries.values())
+    q["strategies"] = {"rows": {"queries": rows, "asked_this_run": q["asked_this_run"],
+                                "cached_before_this_run": q["cached_before_this_run"]},
+                       **{n: {k: v for k, v in e.items() if k != "fingerprint"} for n, e in entries.items()}}
+    q["budget"] = {"budget": budget, "rows": rows, "synthetic": synthetic, "total": rows + synthetic,
+                   "rule": BUDGET_RULE}
+    q["asked_this_run_all"] = q["asked_this_run"] + sum(e["asked_this_run"] for e in entries.values())
+    for section in ("references", "attacks"):
+        for name, entry in report[section].items():
+            fam = plan.families.get(name)
+            if fam is None:
+                continue
+            strategy = fam.candidates[0].queries
+            entry["queries"] = strategy
+            per_epoch = n_train + (entries[strategy]["queries"] if strategy in entries else 0)
+            entry["cost"] = family_cost(plan, name, seeds, per_epoch)
+            if fam.candidates[0].attack == "calibrated-kd":
+                entry["fitted_tau"] = fitted_tau(plan, name, seeds)
+    report["verdict"]["reference"] = reference_summary(plan, seeds)
+    report["verdict"]["statement"] = describe_verdict(report)
