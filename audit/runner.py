@@ -168,7 +168,8 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
         smallest = int(np.ceil(settings.batch_size / (1 - settings.val_fraction))) + 2
         real = rows_for_budget(settings.budget, n_train, strategies, settings.query_rounds, settings.val_fraction)
         if real < smallest:
-            shared = f" once {', '.join(strategies[1:])} take their share" if len(strategies) > 1 else ""
+            shared = f" once the synthetic queries ({', '.join(strategies[1:])}) take their share" \
+                if len(strategies) > 1 else ""
             raise AuditUsageError(f"--budget {settings.budget} leaves less than one training batch "
                                   f"({settings.batch_size} rows) after the {settings.val_fraction:.0%} validation "
                                   f"slice{shared}; ask for at least {smallest} rows (the transfer set has {n_train})")
