@@ -191,6 +191,7 @@ def audit(work: Path, model: Path, name: str, policy: dict | None, args) -> dict
     settings = AuditSettings(dataset=args.dataset, out=work / "reports" / name, student=args.student_arch,
                              attacks=args.attacks, seeds=args.seeds if args.seeds == "auto" else int(args.seeds),
                              epochs=args.student_epochs, budget=args.budget, kd_grid=args.kd_grid,
+                             queries=args.queries, query_rounds=args.query_rounds,
                              data_dir=args.data_dir, device=args.device, jobs=args.jobs, threads=args.threads,
                              references=work / "references", progress=not args.quiet,
                              command=f"bench.protection ({name})")
@@ -208,7 +209,8 @@ def summarise_audit(report: dict) -> dict:
     families = {}
     for name, f in (v.get("families") or {}).items():
         e = report["attacks"][name]
-        families[name] = {"selected": e.get("selected"), "mean": f["mean"], "upper": f["upper"], "lower": f["lower"],
+        families[name] = {"selected": e.get("selected"), "queries": e.get("queries", "rows"), "cost": e.get("cost"),
+                          "fitted_tau": e.get("fitted_tau"), "mean": f["mean"], "upper": f["upper"], "lower": f["lower"],
                           "p_holm": f["p_holm"], "per_seed": f["per_seed"], "distillable": f["distillable"],
                           "within_margin": f["within_margin"],
                           "candidates": {c: x["validation_accuracy"] for c, x in (e.get("candidates") or {}).items()}}
@@ -223,7 +225,9 @@ def summarise_audit(report: dict) -> dict:
             "families": families, "kd_delta": kd["mean"] if kd else None,
             "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"],
             "transfer_agreement": report["teacher"]["transfer_agreement"], "served_cmi": report["teacher"].get("cmi"),
-            "beyond_labels": v.get("beyond_labels"), "converged": report["training"]["converged"]}
+            "beyond_labels": v.get("beyond_labels"), "converged": report["training"]["converged"],
+            "reference": v.get("reference"), "query_strategies": report["queries"].get("strategies"),
+            "query_budget": report["queries"].get("budget")}
 
 
 def evaluate_targets(rows: dict, seeds_asked) -> list[dict]:
@@ -301,6 +305,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
     lines += family_table(rows)
+    lines += strategy_table(rows)
     lines += ["", "## Statements", ""] + [f"- **{n}**: {row['audit']['statement']}" for n, row in rows.items()]
     return "\n".join(lines) + "\n"
 
@@ -322,6 +327,37 @@ def family_table(rows: dict[str, dict]) -> list[str]:
     return lines + ["| kd choice | " + " | ".join(kd) + " |"]
 
 
+def strategy_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown lines, per query strategy: the strongest family on its inputs (Δ, upper bound), then the verdict's
+    label-only reference and calibrated-kd's fitted τ, per teacher. Nothing for an audit of the rows alone."""
+    strategies = list(dict.fromkeys(f.get("queries", "rows") for row in rows.values()
+                                    for f in row["audit"]["families"].values()))
+    if strategies == ["rows"]:
+        return []
+    lines = ["", "## Strongest family per query strategy (Δ against the label-only reference, points; one-sided "
+             "95% upper bound; ✱ = significant after Holm)", "", "| strategy | " + " | ".join(rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    for s in strategies:
+        cells = []
+        for row in rows.values():
+            fams = {n: f for n, f in row["audit"]["families"].items() if f.get("queries", "rows") == s}
+            best = max(fams, key=lambda n: fams[n]["mean"], default=None)
+            cells.append(f"{best}: {_cell(fams[best])}" if best else "–")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    refs = []
+    for row in rows.values():
+        r = row["audit"].get("reference") or {}
+        lead = f" (+{r['lead_on_validation']:.2f} on validation)" if r.get("lead_on_validation") is not None else ""
+        refs.append(f"{r.get('family', 'ls')}{lead}")
+    lines.append("| reference | " + " | ".join(refs) + " |")
+    taus = []
+    for row in rows.values():
+        t = (row["audit"]["families"].get("calibrated-kd") or {}).get("fitted_tau")
+        value = None if not t else (t["tau"] if isinstance(t["tau"], float) else min(t["tau"]))
+        taus.append("–" if not t else f"{value:.4g}" + (f" ({t['at_bound']} bound)" if t["at_bound"] else ""))
+    return lines + ["| calibrated-kd τ | " + " | ".join(taus) + " |"]
+
+
 def add_scale_args(p: argparse.ArgumentParser, **defaults) -> None:
     """The options that set a benchmark's scale (teachers, students, audits), shared by protection and ablation."""
     d = {"teacher_arch": "cnn-small", "teacher_epochs": 12, "train_limit": 0, "seeds": "5", "attacks": "all",
@@ -335,7 +371,9 @@ def add_scale_args(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--parallel-teachers", type=int, default=1, help="teachers trained at once (processes)")
     p.add_argument("--student-arch", default="cnn-tiny")
     p.add_argument("--student-epochs", type=int, default=None, help="default: the audit's (the measured plateau)")
-    p.add_argument("--budget", type=int, default=10000, help="transfer rows queried per audit")
+    p.add_argument("--budget", type=int, default=10000, help="queries per audit (real rows and synthetic ones)")
+    p.add_argument("--queries", default="rows", help="the audit's query strategies, e.g. rows,mixup,boundary")
+    p.add_argument("--query-rounds", type=int, default=1, help="the audit's --query-rounds")
     p.add_argument("--seeds", default=d["seeds"], help="paired student seeds per audit, or 'auto'")
     p.add_argument("--kd-grid", default=d["kd_grid"], choices=["quick", "full"])
     p.add_argument("--attacks", default=d["attacks"])
