@@ -226,7 +226,11 @@ def summarise_audit(report: dict) -> dict:
             "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"],
             "transfer_agreement": report["teacher"]["transfer_agreement"], "served_cmi": report["teacher"].get("cmi"),
             "beyond_labels": v.get("beyond_labels"), "converged": report["training"]["converged"],
-            "reference": v.get("reference"), "query_strategies": report["queries"].get("strategies"),
+            "reference": v.get("reference"),
+            # what each strategy asked, not what this invocation asked (a rerun that reuses everything is equal)
+            "query_strategies": {n: {k: e[k] for k in ("queries", "recipe", "rounds", "epochs", "rows_per_epoch",
+                                                       "adaptive") if k in e}
+                                 for n, e in (report["queries"].get("strategies") or {}).items()},
             "query_budget": report["queries"].get("budget")}
 
 
