@@ -9,6 +9,40 @@ BUDGET_RULE = ("--budget counts every query: each synthetic strategy asks --quer
                "(the rows outside the validation slice), and the real rows are the most that leave room for them")
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def query_lines(report: dict) -> list[str]:
+    """Bullet lines on the query strategies, the verdict's reference and calibrated-kd's τ (when there are any)."""
+    q, lines = report["queries"], []
+    for name, e in (q.get("strategies") or {}).items():
+        if name != "rows":
+            lines.append(f"- queries `{name}`{' (adaptive)' if e['adaptive'] else ''}: {e['queries']} synthetic "
+                         f"inputs ({e['summary']}); asked this run {e['asked_this_run']}, cached before "
+                         f"{e['cached_before_this_run']}; its students train {e['epochs']} epochs over "
+                         f"{e['rows_per_epoch']} rows; label-only counterpart: {e['reference']}")
+    b = q.get("budget")
+    if b and b["synthetic"]:
+        lines.append(f"- budget {b['budget'] if b['budget'] is not None else 'none'}: {b['rows']} real rows + "
+                     f"{b['synthetic']} synthetic = {b['total']} queries ({b['rule']})")
+    r = report["verdict"].get("reference")
+    if r and len(r["validation_accuracy"]) > 1:
+        lead = "–" if r["lead_on_validation"] is None else f"{r['lead_on_validation']:+.2f}"
+        scores = ", ".join(f"{n} {_pct(s)}" for n, s in r["validation_accuracy"].items())
+        test = "–" if r["test_delta_vs_ls"] is None else f"{r['test_delta_vs_ls']:+.2f}"
+        lines.append(f"- label-only reference: `{r['family']}` won on validation ({scores}; lead {lead} points), "
+                     f"test Δ against `ls` {test} points; every family's Δ is against it")
+    for name, e in report["attacks"].items():
+        tau = e.get("fitted_tau")
+        if tau:
+            where = f", on its {tau['at_bound']} bound: the fit is clamped" if tau["at_bound"] else ""
+            value = tau["tau"] if isinstance(tau["tau"], float) else min(tau["tau"])
+            lines.append(f"- `{name}` fitted τ = {value:.4g} (searched in [{tau['bounds'][0]:g}, "
+                         f"{tau['bounds'][1]:g}]{where})")
+    return lines
+
+
 def family_cost(plan, name: str, seeds: int, rows_per_epoch: int) -> dict:
     """Students trained, their seconds, and the rows they passed over (Σ epochs run × rows per epoch)."""
     records = plan.students(name, seeds)
