@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
+from audit.attacks import expand_attacks
 from audit.cli import main
 from audit.oracle import OnnxOracle
 from audit.queries import QUERIES, rows_for_budget, synthetic_total
@@ -56,6 +57,8 @@ def test_tau_search_reaches_the_scale_of_an_under_confident_teacher(digits_ce_mo
     scaled = fit_temperature(torch.log_softmax(0.15 * z, 1), splits.test_y)
     assert scaled == pytest.approx(0.15 * tau, rel=0.05) and at_tau_bound(scaled) is None
     assert TAU_BOUNDS == (0.02, 50.0)
+    # the range is part of calibrated-kd's students' keys: one fitted in another range is never reused
+    assert expand_attacks("calibrated-kd")[0].options == {"tau_bounds": list(TAU_BOUNDS)}
     assert at_tau_bound(TAU_BOUNDS[0]) == "lower" and at_tau_bound(TAU_BOUNDS[1]) == "upper"
 
 

@@ -58,8 +58,9 @@ def fitted_tau(plan, name: str, seeds: int) -> dict | None:
                    if "calibration_temperature" in (r.get("options") or {})})
     if not taus:
         return None
-    bound = at_tau_bound(taus[0]) or at_tau_bound(taus[-1])
-    return {"tau": taus[0] if len(taus) == 1 else taus, "bounds": list(TAU_BOUNDS), "at_bound": bound}
+    bounds = tuple(plan.families[name].candidates[0].options.get("tau_bounds", TAU_BOUNDS))
+    bound = at_tau_bound(taus[0], bounds) or at_tau_bound(taus[-1], bounds)
+    return {"tau": taus[0] if len(taus) == 1 else taus, "bounds": list(bounds), "at_bound": bound}
 
 
 def add_query_fields(report: dict, plan, seeds: int, entries: dict, budget: int | None) -> None:
