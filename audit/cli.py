@@ -27,6 +27,15 @@ The outcome (DESIGN §3): distillable iff some family beats the label-smoothing 
 is within --margin points; otherwise inconclusive, with the seeds that would decide it (--seeds auto adds
 seeds in rounds 3, 5, 8, 12 until decided, splitting --alpha over the looks).
 
+Query strategies (--queries, docs/audit.md): `rows` asks the transfer rows themselves; `mixup` also asks
+mixtures λ·x_i + (1−λ)·x_j of two training rows (λ ~ Beta(1, 1)); `boundary` (adaptive) bisects segments
+between rows the oracle labels differently, each wave chosen from the previous answers. Each synthetic strategy
+asks --query-rounds × the training rows, and --budget counts them all: the real rows are the most that leave
+room for them. KD (quick grid) and logit-mse train on every strategy's inputs (`kd@mixup`, ...; epochs capped at
+3× a rows student's cost), and so does a label-only LS student (`ls@mixup`: mixed one-hot labels; `ls@boundary`:
+the oracle's top-1 labels, what a label-only endpoint gives). The verdict's reference is the best label-only
+student on validation; every family's Δ is against it. Validation and test rows are never synthesised.
+
 Every row is queried once per audit: answers are cached in OUT/cache as they arrive, so rerunning the same
 command after an interruption asks only for the missing rows and retrains only unfinished students.
 Every answer is checked before it is cached: a float array of the rows × classes asked, finite, in [0, 1]
@@ -86,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a directory of reference students (LS, CE) shared by audits of the same dataset, transfer "
                         "rows and student recipe: they never see the teacher, so the second audit reuses them "
                         "(run such audits one after another)")
-    r.add_argument("--budget", type=int, help="query at most this many transfer rows (the first N of the split)")
+    r.add_argument("--budget", type=int, help="ask at most this many queries in all, real rows (the first ones of "
+                                              "the split) and synthetic queries together")
+    r.add_argument("--queries", default="rows",
+                   help="query strategies, comma-separated: rows (default; always included), mixup, boundary "
+                        "(adaptive). See the epilog and docs/audit.md")
+    r.add_argument("--query-rounds", type=int, default=1,
+                   help="k: each synthetic strategy asks k × the training rows (default 1)")
     r.add_argument("--lr", type=float, help="student peak learning rate (default 0.2)")
     r.add_argument("--batch-size", type=int, help="student batch size (default per dataset)")
     r.add_argument("--query-batch", type=int, default=1024, help="rows per request to the oracle (default 1024)")
@@ -158,7 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = AuditSettings(
         dataset=args.dataset, student=args.student, out=args.out, attacks=args.attacks, seeds=seeds,
         max_seeds=args.max_seeds, epochs=args.epochs, patience=args.patience or None, val_fraction=args.val_fraction,
-        selection_seeds=args.selection_seeds, budget=args.budget, kd_grid=args.kd_grid,
+        selection_seeds=args.selection_seeds, budget=args.budget, kd_grid=args.kd_grid, queries=args.queries,
+        query_rounds=args.query_rounds,
         label_controls=args.label_controls, ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"),
         ce_reference=args.ce_reference,
         data_dir=args.data_dir, lr=args.lr, batch_size=args.batch_size, query_batch=args.query_batch,

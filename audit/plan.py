@@ -35,7 +35,7 @@ def group_families(references: list[Variant], attacks: list[Variant]) -> dict[st
     families: dict[str, Family] = {}
     for v in references + attacks:
         if v.family not in families:
-            families[v.family] = Family(v.family, [], reference=v.family in REFERENCE_FAMILIES)
+            families[v.family] = Family(v.family, [], reference=v.attack in REFERENCE_FAMILIES)  # ls@mixup too
         families[v.family].candidates.append(v)
     return families
 
@@ -52,24 +52,33 @@ class StudentPlan:
         self.reference_identity = reference_identity or identity
         self.reference_dir = reference_dir
         self.store: dict[str, dict] = {}
+        # Per query strategy (audit.queries): its cache fingerprint (in its students' keys) and training overrides.
+        self.query_identity: dict[str, dict] = {}
+        self.query_train: dict[str, dict] = {}
 
     def is_reference(self, family: str) -> bool:
         return family in self.families and self.families[family].reference
 
+    def is_shared(self, family: str) -> bool:
+        """References that never see the teacher (ls, ce on the rows) may be shared between audits."""
+        return family in REFERENCE_FAMILIES and self.is_reference(family)
+
     def home(self, family: str) -> Path:
         """Where a family's students are stored: the shared references directory for references, if given."""
-        return self.reference_dir if self.reference_dir is not None and self.is_reference(family) else self.out
+        return self.reference_dir if self.reference_dir is not None and self.is_shared(family) else self.out
 
     def key(self, variant: Variant, seed: int) -> str:
-        identity = self.reference_identity if self.is_reference(variant.family) else self.identity
+        identity = self.reference_identity if self.is_shared(variant.family) else self.identity
+        queries = {"queries": self.query_identity[variant.queries]} if variant.queries != "rows" else {}
         blob = json.dumps({"variant": variant.name, "options": variant.options, "control": variant.control,
-                           "seed": seed, **identity}, sort_keys=True)
+                           "seed": seed, **identity, **queries}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def task(self, family: str, variant: Variant, seed: int, evaluate_test: bool) -> StudentTask:
         key = self.key(variant, seed)
         weights = None if evaluate_test else str(self.home(family) / STUDENT_WEIGHTS_DIR / f"{key}.pt")
-        return StudentTask(key=key, family=family, variant=variant, seed=seed, train=self.train,
+        train = {**self.train, **self.query_train.get(variant.queries, {})}
+        return StudentTask(key=key, family=family, variant=variant, seed=seed, train=train,
                            patience=self.patience, evaluate_test=evaluate_test, weights=weights)
 
     def record(self, variant: Variant, seed: int) -> dict | None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from audit import REPORT_SCHEMA_VERSION
+from audit.queries.summary import query_lines
 
 
 class ReportError(RuntimeError):
@@ -55,15 +56,28 @@ def _config(entry: dict) -> str:
     return f" ({sel})" if sel and sel != entry.get("attack") else ""
 
 
+def _reference_family(report: dict) -> str:
+    """The verdict's label-only reference: `ls`, or the `ls@strategy` that won on validation (audit.queries)."""
+    return (report["verdict"].get("reference") or {}).get("family") or "ls"
+
+
 def _ls_accuracy(report: dict) -> str:
-    s = report["references"].get("ls", {}).get("summary") or {}
+    s = report["references"].get(_reference_family(report), {}).get("summary") or {}
     return f"{100 * s['mean']:.2f}%" if s.get("mean") is not None else "–"
+
+
+def _reference_words(report: dict) -> str:
+    """'the label-smoothing student (LS 88.30%)', or the winning label-only student on a strategy's inputs."""
+    ref = _reference_family(report)
+    if ref == "ls":
+        return f"the label-smoothing student (LS {_ls_accuracy(report)})"
+    return f"the best label-only student ({ref}, {_ls_accuracy(report)}: LS on {ref.split('@', 1)[1]} inputs)"
 
 
 def describe_verdict(report: dict) -> str:
     """The verdict in words a user can act on (DESIGN §3), with the LS student's accuracy beside every Δ."""
     v, t = report["verdict"], report["training"]
-    ls = _ls_accuracy(report)
+    ref = _reference_words(report)
     tried = [n for n, e in report["attacks"].items() if e.get("status") == "ok"]
     confidence = f"{100 * (1 - v['alpha_per_look']):g}%"
     scope = (f"Student {report['student']}, {t['train_rows']} transfer rows of {report['dataset']} "
@@ -78,7 +92,7 @@ def describe_verdict(report: dict) -> str:
     if outcome == "undistillable":
         worst = max(fams, key=lambda n: fams[n]["upper"])
         return (f"UNDISTILLABLE against the {len(tried)} attack families tried: each gains at most "
-                f"+{v['margin']:g} points over the label-smoothing student (LS {ls}) at {confidence} confidence "
+                f"+{v['margin']:g} points over {ref} at {confidence} confidence "
                 f"(largest upper bound {_pts(fams[worst]['upper'])}, {worst}{_config(report['attacks'][worst])}). "
                 + scope + caveat)
     if outcome == "distillable":
@@ -86,9 +100,8 @@ def describe_verdict(report: dict) -> str:
         best = winners[0]
         f = fams[best]
         others = f"; also {', '.join(winners[1:])}" if len(winners) > 1 else ""
-        return (f"DISTILLABLE: {best}{_config(report['attacks'][best])} beats the label-smoothing student "
-                f"(LS {ls}) by {_pts(f['mean'])} points ({confidence} lower bound {_pts(f['lower'])}, Holm-adjusted "
-                f"one-sided p = {f['p_holm']:.2g}){others}. " + scope + caveat)
+        return (f"DISTILLABLE: {best}{_config(report['attacks'][best])} beats {ref} by {_pts(f['mean'])} points "
+                f"({confidence} lower bound {_pts(f['lower'])}, Holm-adjusted one-sided p = {f['p_holm']:.2g}){others}. " + scope + caveat)
     open_ = [n for n, f in fams.items() if not f["within_margin"]]
     worst = max(open_, key=lambda n: fams[n]["upper"] if fams[n]["upper"] is not None else float("inf"))
     need = v.get("seeds_to_decide")
@@ -97,8 +110,8 @@ def describe_verdict(report: dict) -> str:
             "the observed spread says more seeds alone would not decide it: the gain sits near the margin")
     if v["seeds"] < 2:
         more = "one seed gives no spread to test with: run at least 3 paired seeds"
-    return (f"INCONCLUSIVE after {v['seeds']} paired seeds: no attack family beats the label-smoothing student "
-            f"(LS {ls}) significantly, but {len(open_)} of {len(fams)} cannot be bounded by +{v['margin']:g} points "
+    return (f"INCONCLUSIVE after {v['seeds']} paired seeds: no attack family beats {ref} "
+            f"significantly, but {len(open_)} of {len(fams)} cannot be bounded by +{v['margin']:g} points "
             f"(worst: {worst}{_config(report['attacks'][worst])}, Δ {_pts(fams[worst]['mean'])}, upper bound "
             f"{_pts(fams[worst]['upper'])}); {more}. " + scope + caveat)
 
@@ -109,9 +122,15 @@ def rows(report: dict) -> list[dict]:
     refs = report["references"]
     fams = report["verdict"].get("families") or {}
     ls = refs.get("ls", {})
+    winner = _reference_family(report)
     if ls.get("summary"):
-        out.append({"name": f"LS (ε={ls['best_epsilon']:g}, reference)", "acc": ls["summary"], "delta": None,
-                    "test": None, "status": "reference"})
+        out.append({"name": f"LS (ε={ls['best_epsilon']:g}, {'reference' if winner == 'ls' else 'label-only'})",
+                    "acc": ls["summary"], "delta": ls.get("delta"), "test": None, "status": "reference"})
+    for name, e in refs.items():  # label-only students on a query strategy's inputs (audit.queries)
+        if name not in ("ls", "ce") and e.get("summary"):
+            role = "reference" if name == winner else "label-only"
+            out.append({"name": f"{name} (ε={e['options']['epsilon']:g}, {role})", "acc": e["summary"],
+                        "delta": e.get("delta"), "test": None, "status": "reference"})
     if refs.get("ce", {}).get("summary"):
         out.append({"name": "CE (labels only)", "acc": refs["ce"]["summary"], "delta": refs["ce"].get("delta"),
                     "test": None, "status": "reference"})
@@ -182,6 +201,7 @@ def render_markdown(report: dict) -> str:
         f"- queries: {q['transfer_rows']} transfer rows; asked this run {q['asked_this_run']}, cached before "
         f"{q['cached_before_this_run']}; rows sent over all sessions {q['rows_sent_total']} in "
         f"{q['requests_total']} requests",
+        *query_lines(report),
         f"- log-prob recovery: floor {r['floor']:g}, {r['clamped_entries']} of {r['entries']} entries clamped "
         f"({r['clamped_rows']} rows); label-only: {r['label_only']}",
         f"- teacher agreement with the transfer labels: {_pct(report['teacher']['transfer_agreement'])}%",

@@ -18,6 +18,11 @@ from audit.attacks import LS_EPSILONS, expand_attacks, reference_variants
 from audit.cache import AnswerCache
 from audit.oracle import Oracle, check_compatible, collect_answers
 from audit.plan import StudentPlan, group_families
+from audit.queries import parse_queries, rows_for_budget
+from audit.queries.collect import apply_to_plan, collect_queries
+from audit.queries.families import strategy_variants
+from audit.queries.reference import verdict_reference
+from audit.queries.summary import add_query_fields
 from audit.recover import DEFAULT_FLOOR, recover_logp
 from audit.stats import decide, paired_delta, summarise
 from audit.students import StudentData, default_jobs, run_students, test_accuracy_from_weights
@@ -56,6 +61,8 @@ class AuditSettings:
     selection_seeds: int = 1
     budget: int | None = None
     kd_grid: str = "full"
+    queries: str = "rows"  # query strategies (audit.queries): rows, or rows plus synthetic ones, e.g. "rows,mixup"
+    query_rounds: int = 1  # each synthetic strategy asks query_rounds × the training rows
     label_controls: bool = False  # also train each soft attack's choice on one-hot true labels (docs/audit.md)
     ls_epsilons: tuple[float, ...] = LS_EPSILONS
     ce_reference: bool = True  # also train a plain CE student on the labels (reported, not part of the verdict)
@@ -135,6 +142,8 @@ def _check(settings: AuditSettings) -> None:
         raise AuditUsageError("--max-seeds must be ≥ 3 with --seeds auto")
     if not 0 < settings.alpha < 1 or settings.margin < 0:
         raise AuditUsageError("--alpha must be in (0, 1) and --margin ≥ 0 points")
+    if not isinstance(settings.query_rounds, int) or settings.query_rounds < 1:
+        raise AuditUsageError(f"--query-rounds must be a whole number ≥ 1, got {settings.query_rounds!r}")
 
 
 def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
@@ -146,8 +155,11 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
 
     # Everything that can be refused is checked before the first query.
     _check(settings)
+    strategies = parse_queries(settings.queries)
     variants = expand_attacks(settings.attacks, settings.kd_grid)
     references = reference_variants(settings.ls_epsilons, ce=settings.ce_reference)
+    on_queries, query_references = strategy_variants(variants, strategies, settings.ls_epsilons)
+    variants, references = variants + on_queries, references + query_references
     splits = load_dataset(settings.dataset, settings.data_dir)
     defaults = DATASET_DEFAULTS.get(splits.name, DATASET_DEFAULTS["imagefolder"])
     settings.batch_size = settings.batch_size or defaults["batch_size"]
@@ -155,11 +167,14 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     n_train = len(splits.train_y)
     if settings.budget is not None:
         smallest = int(np.ceil(settings.batch_size / (1 - settings.val_fraction))) + 2
-        if settings.budget < smallest:
+        real = rows_for_budget(settings.budget, n_train, strategies, settings.query_rounds, settings.val_fraction)
+        if real < smallest:
+            shared = f" once the synthetic queries ({', '.join(strategies[1:])}) take their share" \
+                if len(strategies) > 1 else ""
             raise AuditUsageError(f"--budget {settings.budget} leaves less than one training batch "
                                   f"({settings.batch_size} rows) after the {settings.val_fraction:.0%} validation "
-                                  f"slice; ask for at least {smallest} rows (the transfer set has {n_train})")
-        splits = splits.subset_train(settings.budget)
+                                  f"slice{shared}; ask for at least {smallest} rows (the transfer set has {n_train})")
+        splits = splits.subset_train(real)
     rows = len(splits.train_y)
 
     info = oracle.metadata()
@@ -177,6 +192,9 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
                    f"transfer set {rows} rows of {splits.name} ({cached_before} cached)")
     asked = collect_answers(oracle, cache, splits.train_x.numpy(), query_batch, settings.progress)
     answers = cache.read()
+    query_tensors, query_entries = collect_queries(
+        strategies, settings.query_rounds, splits, answers, validation_split(rows, settings.val_fraction)[0], oracle,
+        out, cache.fingerprint, query_batch, settings.floor, info.label_only, settings.progress)
 
     recovery = recover_logp(answers, settings.floor, label_only=True if info.label_only else None)
     y = splits.train_y
@@ -186,6 +204,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
                for v in variants if v not in runnable}
 
     data = student_data(splits, recovery.logp, settings)
+    data.queries = query_tensors
     families = group_families(references, runnable)
     train_cfg = asdict(TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
                                    schedule=STUDENT_SCHEDULE, device=settings.device))
@@ -194,6 +213,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     plan = StudentPlan(families, identity, train_cfg, settings.patience, settings.selection_seeds,
                        settings.label_controls, out, reference_identity={**settings.training_key(), "transfer": transfer},
                        reference_dir=Path(settings.references) if settings.references else None)
+    apply_to_plan(plan, query_entries, settings.epochs, len(data.train_y))
     _open_stores(plan, out)
     jobs = settings.jobs or default_jobs(settings.device)
     looks = settings.looks()
@@ -232,6 +252,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
     report = build_report(settings, info, splits.name, rows, len(data.train_y), len(data.val_y), asked, cached_before,
                           cache.counters, recovery.summary(), teacher, plan, not_run, seeds, looks, alpha_look,
                           decision, interrupted, jobs, deaths, {v.family for v in variants})
+    add_query_fields(report, plan, seeds, query_entries, settings.budget)
     from audit.report import write_report
 
     write_report(report, out)  # report.json, report.md, report.html
@@ -286,8 +307,10 @@ def _complete(values: list[float | None]) -> list[float] | None:
 
 
 def _deltas(plan: StudentPlan, seeds: int) -> dict[str, list[float]]:
-    """Each attack family's paired Δ in points (knockoff − LS choice, seed by seed), where both are complete."""
-    ls = _complete(plan.accuracies("ls", seeds))
+    """Each attack family's paired Δ in points (knockoff − the label-only reference's choice, seed by seed), where
+    both are complete."""
+    reference = verdict_reference(plan)
+    ls = _complete(plan.accuracies(reference, seeds)) if reference else None
     if ls is None:
         return {}
     out = {}
@@ -315,7 +338,7 @@ def _family_entry(plan: StudentPlan, name: str, seeds: int, ls_acc: list[float] 
         entry.update(status="incomplete", accuracy=plan.accuracies(name, seeds))
         return entry
     entry.update(status="ok", accuracy=acc, summary=summarise(acc))
-    if ls_acc is not None and name != "ls":
+    if ls_acc is not None and name != (verdict_reference(plan) or "ls"):
         entry["delta"] = paired_delta(acc, ls_acc)
     control = _complete(plan.accuracies(name, seeds, control=True)) if plan.controls else None
     if control and not fam.reference and fam.needs_soft:
@@ -330,7 +353,8 @@ def build_report(settings: AuditSettings, info, dataset: str, rows: int, train_r
     from audit.attacks import ATTACKS, BATTERY
     from audit.report import describe_verdict
 
-    ls_acc = _complete(plan.accuracies("ls", seeds))
+    reference = verdict_reference(plan)
+    ls_acc = _complete(plan.accuracies(reference, seeds)) if reference else None
     references = {name: _family_entry(plan, name, seeds, ls_acc) for name, f in plan.families.items() if f.reference}
     ls = references.get("ls", {})
     if ls.get("selected"):

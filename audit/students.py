@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from audit.attacks import AttackContext, Variant
+from audit.queries.students import training_tensors
 
 STUDENT_WEIGHTS_DIR = "students"
 
@@ -50,6 +51,7 @@ class StudentData:
     num_classes: int
     student: str
     augment: bool = False
+    queries: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # per query strategy (audit.queries.students)
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -99,8 +101,9 @@ def build_student(data: StudentData, task: StudentTask):
     torch.manual_seed(task.seed)  # same initial weights for every recipe at this seed (paired)
     model = create_model(data.student, data.num_classes, c, h)
     control = task.variant.control
-    ctx = AttackContext(num_classes=data.num_classes, feature_dims=dims,
-                        teacher_logp=data.labels_logp if control else data.teacher_logp, labels=data.train_y,
+    tensors = training_tensors(data, task.variant)
+    ctx = AttackContext(num_classes=data.num_classes, feature_dims=dims, teacher_logp=tensors["teacher_logp"],
+                        labels=tensors["y"],
                         seed=task.seed, val_logp=data.val_labels_logp if control else data.val_teacher_logp,
                         val_labels=data.val_y)
     return model, task.variant.build(ctx)
@@ -114,8 +117,7 @@ def train_student(data: StudentData, task: StudentTask, progress: bool = False) 
     cfg = TrainConfig(**task.train)
     device = _device_of(task.train)
     model, objective = build_student(data, task)
-    soft = data.labels_logp if task.variant.control else data.teacher_logp
-    train = TensorLoader({"x": data.train_x, "y": data.train_y, "teacher_logp": soft}, cfg.batch_size, shuffle=True,
+    train = TensorLoader(training_tensors(data, task.variant), cfg.batch_size, shuffle=True,
                          seed=task.seed, augment=data.augment, device=device)
     val = TensorLoader({"x": data.val_x, "y": data.val_y}, 1024, shuffle=False, device=device)
     started = time.perf_counter()

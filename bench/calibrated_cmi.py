@@ -1,7 +1,8 @@
 """What a teacher leaks at the scale an attacker reads it (issue 11): seconds per teacher, no students.
 
 For each teacher, on the audit's transfer rows (the first `--budget` training rows) and its validation slice:
-- τ: the temperature calibrated-kd fits (NLL of the labels on the validation slice; searched in [0.05, 20]);
+- τ: the temperature calibrated-kd fits (NLL of the labels on the validation slice; searched in protect.metrics.TAU_BOUNDS,
+  [0.02, 50], the range the audit's calibrated-kd searches);
 - CMI at τ given the true label, and given the teacher's own top-1 label (what the answers carry beyond the
   teacher's hard labels, which a hard-label student gets anyway);
 - the within-class share of the centred log-probabilities' variance (what logit-mse regresses on; scale-free);
@@ -32,7 +33,7 @@ def measure(path: Path, splits, budget: int, val_fraction: float) -> dict:
     test_z = torch.from_numpy(predictor.logits(splits.test_x.numpy())).double()
     logp = torch.log_softmax(z, 1)
     _, val = validation_split(budget, val_fraction)
-    tau = fit_temperature(logp[val], y[val], lo=0.05, hi=20.0)
+    tau = fit_temperature(logp[val], y[val])
     centred = logp - logp.mean(1, keepdim=True)
     means = torch.stack([centred[y == k].mean(0) for k in range(int(y.max()) + 1)])
     within = float(((centred - means[y]) ** 2).sum(1).mean() / (centred ** 2).sum(1).mean())

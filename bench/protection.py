@@ -135,7 +135,7 @@ def train_teachers(work: Path, names: list[str], specs: dict[str, dict], args) -
 
 def fit_recalibration(model: Path, dataset: str, data_dir: str | None) -> float:
     """τ minimising the NLL of the model's test logits on the first half of the test split (the other half is
-    where its ECE is reported)."""
+    where its ECE is reported), searched in protect.metrics.TAU_BOUNDS like every other temperature fit."""
     from protect.metrics import fit_temperature
     from protect.data import load_dataset
     from protect.predict import OnnxPredictor
@@ -143,7 +143,7 @@ def fit_recalibration(model: Path, dataset: str, data_dir: str | None) -> float:
     splits = load_dataset(dataset, data_dir)
     half = len(splits.test_y) // 2
     logits = torch.from_numpy(OnnxPredictor(model).logits(splits.test_x[:half].numpy()))
-    return fit_temperature(torch.log_softmax(logits.double(), 1), splits.test_y[:half], lo=0.05, hi=20.0)
+    return fit_temperature(torch.log_softmax(logits.double(), 1), splits.test_y[:half])
 
 
 def export(work: Path, name: str, run: Path, args, temperature: float = 1.0) -> Path:
@@ -191,6 +191,7 @@ def audit(work: Path, model: Path, name: str, policy: dict | None, args) -> dict
     settings = AuditSettings(dataset=args.dataset, out=work / "reports" / name, student=args.student_arch,
                              attacks=args.attacks, seeds=args.seeds if args.seeds == "auto" else int(args.seeds),
                              epochs=args.student_epochs, budget=args.budget, kd_grid=args.kd_grid,
+                             queries=args.queries, query_rounds=args.query_rounds,
                              data_dir=args.data_dir, device=args.device, jobs=args.jobs, threads=args.threads,
                              references=work / "references", progress=not args.quiet,
                              command=f"bench.protection ({name})")
@@ -208,7 +209,8 @@ def summarise_audit(report: dict) -> dict:
     families = {}
     for name, f in (v.get("families") or {}).items():
         e = report["attacks"][name]
-        families[name] = {"selected": e.get("selected"), "mean": f["mean"], "upper": f["upper"], "lower": f["lower"],
+        families[name] = {"selected": e.get("selected"), "queries": e.get("queries", "rows"), "cost": e.get("cost"),
+                          "fitted_tau": e.get("fitted_tau"), "mean": f["mean"], "upper": f["upper"], "lower": f["lower"],
                           "p_holm": f["p_holm"], "per_seed": f["per_seed"], "distillable": f["distillable"],
                           "within_margin": f["within_margin"],
                           "candidates": {c: x["validation_accuracy"] for c, x in (e.get("candidates") or {}).items()}}
@@ -223,7 +225,13 @@ def summarise_audit(report: dict) -> dict:
             "families": families, "kd_delta": kd["mean"] if kd else None,
             "not_tried": v.get("not_tried"), "queries": report["queries"]["transfer_rows"],
             "transfer_agreement": report["teacher"]["transfer_agreement"], "served_cmi": report["teacher"].get("cmi"),
-            "beyond_labels": v.get("beyond_labels"), "converged": report["training"]["converged"]}
+            "beyond_labels": v.get("beyond_labels"), "converged": report["training"]["converged"],
+            "reference": v.get("reference"),
+            # what each strategy asked, not what this invocation asked (a rerun that reuses everything is equal)
+            "query_strategies": {n: {k: e[k] for k in ("queries", "recipe", "rounds", "epochs", "rows_per_epoch",
+                                                       "adaptive") if k in e}
+                                 for n, e in (report["queries"].get("strategies") or {}).items()},
+            "query_budget": report["queries"].get("budget")}
 
 
 def evaluate_targets(rows: dict, seeds_asked) -> list[dict]:
@@ -301,6 +309,9 @@ def markdown(result: dict) -> str:
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in result["targets"]]
     lines += family_table(rows)
+    from bench.query_strategies import strategy_table
+
+    lines += strategy_table(rows)
     lines += ["", "## Statements", ""] + [f"- **{n}**: {row['audit']['statement']}" for n, row in rows.items()]
     return "\n".join(lines) + "\n"
 
@@ -335,7 +346,9 @@ def add_scale_args(p: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--parallel-teachers", type=int, default=1, help="teachers trained at once (processes)")
     p.add_argument("--student-arch", default="cnn-tiny")
     p.add_argument("--student-epochs", type=int, default=None, help="default: the audit's (the measured plateau)")
-    p.add_argument("--budget", type=int, default=10000, help="transfer rows queried per audit")
+    p.add_argument("--budget", type=int, default=10000, help="queries per audit (real rows and synthetic ones)")
+    p.add_argument("--queries", default="rows", help="the audit's query strategies, e.g. rows,mixup,boundary")
+    p.add_argument("--query-rounds", type=int, default=1, help="the audit's --query-rounds")
     p.add_argument("--seeds", default=d["seeds"], help="paired student seeds per audit, or 'auto'")
     p.add_argument("--kd-grid", default=d["kd_grid"], choices=["quick", "full"])
     p.add_argument("--attacks", default=d["attacks"])

@@ -275,10 +275,10 @@ class CMIMLoss(torch.nn.Module):
     def _calibrate(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The logits over the (EMA) calibration temperature; τ is a constant to the gradient."""
         if self.training:
-            from protect.metrics import fit_temperature  # metrics imports this module
+            from protect.metrics import TAU_BOUNDS, fit_temperature  # metrics imports this module
 
             # calibrated-kd's own search (cross-entropy is blind to a per-row shift, so logits serve as log-probs)
-            fresh = torch.tensor(math.log(fit_temperature(logits.detach(), labels, lo=0.02, hi=50.0))).to(self.log_tau)
+            fresh = torch.tensor(math.log(fit_temperature(logits.detach(), labels, *TAU_BOUNDS))).to(self.log_tau)
             m = self.tau_momentum if bool(self.tau_initialised) else 0.0
             self.log_tau.copy_(m * self.log_tau + (1 - m) * fresh)
             self.tau_initialised.fill_(True)

@@ -101,3 +101,16 @@ def test_teacher_seeds_benchmark_pairs_the_drop_by_seed_and_reuses_runs(tmp_path
     other = run_cli(*args, "--teacher-epochs", "2", check=False)  # argparse keeps an option's last value
     assert other.returncode != 0 and "epochs 1 (asked: 2)" in other.stderr and "--work" in other.stderr
     assert {p: p.stat().st_mtime for p in runs.glob("*/model.pt")} == stamps
+
+
+def test_protection_benchmark_runs_the_query_strategies_families(tmp_path):
+    """`--queries` reaches the audits: the families on mixup's inputs, the winning label-only reference and the
+    per-strategy table are in the results."""
+    args = [a if a != "kd-T4-a0.9,hard-label" else "kd-T4-a0.9" for a in SCALE]
+    run_cli("-m", "bench.protection", *args, "--budget", "600", "--teachers", "ce", "--queries", "rows,mixup",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    a = json.loads((tmp_path / "out" / "protection-digits.json").read_text())["teachers"]["ce"]["audit"]
+    assert set(a["families"]) == {"kd", "kd@mixup"} and a["families"]["kd@mixup"]["queries"] == "mixup"
+    assert a["reference"]["family"] in ("ls", "ls@mixup") and a["query_budget"]["total"] <= 600
+    assert a["query_strategies"]["mixup"]["queries"] == a["query_budget"]["synthetic"] > 0
+    assert "## Strongest family per query strategy" in (tmp_path / "out" / "protection-digits.md").read_text()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from protect.data import DatasetNotFoundError, load_dataset, make_loader, train_and_test_sets
+from protect.metrics import TAU_BOUNDS
 from protect.models import create_model
 from protect.objectives import OBJECTIVES, CrossEntropy
 from protect.trainer import CHECKPOINT, NonFiniteLossError, TrainConfig, fit
@@ -231,7 +232,7 @@ def test_calibrated_cmim_trains_records_its_option_and_is_measured_at_the_attack
     rows = json.loads((tmp_path / "leak.json").read_text())["teachers"]
     assert set(rows) == {digits_ce_run.name, "cal"} and "| cal |" in bench.stdout
     for r in rows.values():
-        assert 0.05 - 1e-6 <= r["tau"] <= 20 + 1e-6 and r["cmi_at_tau_given_top1"] >= 0 and 0 <= r["within_class_logp_variance_share"] <= 1
+        assert TAU_BOUNDS[0] - 1e-6 <= r["tau"] <= TAU_BOUNDS[1] + 1e-6 and r["cmi_at_tau_given_top1"] >= 0 and 0 <= r["within_class_logp_variance_share"] <= 1
 
 
 def test_calibrated_with_exact_centroids_is_refused_before_training(tmp_path):

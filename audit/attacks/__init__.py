@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protect.metrics import TAU_BOUNDS
 from protect.objectives.base import Objective
 from protect.registry import Registry, UnknownNameError
 
@@ -32,6 +33,7 @@ class AttackSpec:
     build: Callable[..., Objective]  # build(ctx: AttackContext, **options)
     needs_soft: bool = True  # False: the teacher's label is enough (a label-only endpoint can be attacked)
     grid: dict[str, list] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # fixed options, part of its students' keys
 
 
 @dataclass(frozen=True)
@@ -43,30 +45,38 @@ class Variant:
     options: dict
     needs_soft: bool = True
     control: bool = False  # trained on a label-only "teacher" (one-hot true labels) instead of the oracle's answers
+    queries: str = "rows"  # the query strategy whose inputs it trains on (audit.queries); `name` ends in @queries
 
     @property
     def family(self) -> str:
         """The attack family (or reference) it belongs to: one test per family in the verdict."""
-        return self.attack
+        return self.attack if self.queries == "rows" else f"{self.attack}@{self.queries}"
 
     def label_control(self) -> "Variant":
         """The same recipe with the teacher replaced by the true labels: what it gains without the teacher."""
-        return Variant(f"{self.name}{CONTROL_SUFFIX}", self.attack, self.options, self.needs_soft, control=True)
+        return Variant(f"{self.name}{CONTROL_SUFFIX}", self.attack, self.options, self.needs_soft, control=True,
+                       queries=self.queries)
 
     def build(self, ctx: AttackContext) -> Objective:
+        if self.attack == "ls" and self.queries != "rows":  # label smoothing of mixed or top-1 label targets
+            from audit.queries.students import SoftLabelSmoothing
+
+            return SoftLabelSmoothing(ctx.num_classes, **self.options)
         if self.attack in REFERENCE_NAMES:
             return _build_reference(self.attack, ctx, **self.options)
         return ATTACKS.get(self.attack).build(ctx, **self.options)
 
 
-def _calibrated(ctx: AttackContext, **options) -> CalibratedKD:
-    """τ is fitted on the audit's validation slice; without one (library use), on a fixed 10% of the rows."""
+def _calibrated(ctx: AttackContext, tau_bounds=TAU_BOUNDS, **options) -> CalibratedKD:
+    """τ is fitted on the audit's validation slice; without one (library use), on a fixed 10% of the rows. The
+    search range is an option, so students fitted in another range are never reused as this one's."""
+    lo, hi = tau_bounds
     if ctx.val_logp is not None and ctx.val_labels is not None:
-        return CalibratedKD(fit_temperature(ctx.val_logp, ctx.val_labels), **options)
+        return CalibratedKD(fit_temperature(ctx.val_logp, ctx.val_labels, lo, hi), **options)
     if ctx.teacher_logp is None or ctx.labels is None:
         raise ValueError("calibrated-kd needs the teacher's log-probabilities and labels of a validation slice")
     idx = calibration_slice(len(ctx.labels))
-    return CalibratedKD(fit_temperature(ctx.teacher_logp[idx], ctx.labels[idx]), **options)
+    return CalibratedKD(fit_temperature(ctx.teacher_logp[idx], ctx.labels[idx], lo, hi), **options)
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")
@@ -85,7 +95,7 @@ for _spec in [
                "after a delay; final head from labels + self-distillation",
                lambda ctx, **o: Skeptical(ctx.num_classes, ctx.feature_dims, **o)),
     AttackSpec("calibrated-kd", "temperature-scale the teacher on a held-out 10% slice against labels, then KD",
-               _calibrated),
+               _calibrated, options={"tau_bounds": list(TAU_BOUNDS)}),
     AttackSpec("vid", "variational information distillation (seed 002): Gaussian q(t|s), MLP mean, learned variance",
                lambda ctx, **o: VID(ctx.num_classes, ctx.feature_dims, **o)),
     AttackSpec("mimkd", "MI maximisation (seed 001): Jensen–Shannon bound, critic on (student feature, teacher "
@@ -142,7 +152,7 @@ def expand_attacks(selection: str | list[str], kd_grid: str = "full") -> list[Va
                 for a in grid["alpha"]:
                     out.append(Variant(variant_name(t, a), "kd", {"temperature": t, "alpha": a}))
         else:
-            out.append(Variant(name, name, {}, needs_soft=spec.needs_soft))
+            out.append(Variant(name, name, dict(spec.options), needs_soft=spec.needs_soft))
     seen: set[str] = set()
     return [v for v in out if not (v.name in seen or seen.add(v.name))]
 

@@ -3,7 +3,7 @@ then KD from the calibrated teacher: α·T²·KL(softmax(ℓ/(τT)) ‖ softmax(
 
 τ minimises the labels' negative log-likelihood under softmax(ℓ/τ) on the audit's validation slice (a fixed 10%
 of the rows without one; ℓ = recovered log-probabilities, equal to the logits up to a constant), searched in
-[0.25, 100]. The slice is part of the teacher's own training data when the transfer set is its training split: a teacher that is right
+`protect.metrics.TAU_BOUNDS` = [0.02, 50] (CMIM teachers are under-confident: τ ≈ 0.14–0.20). The slice is part of the teacher's own training data when the transfer set is its training split: a teacher that is right
 on every row of it drives τ to the lower bound (sharper targets), so against such a teacher calibrated-kd is
 close to CE on labels; it matters against teachers whose probabilities are mis-scaled or that err on the slice. A teacher trained to be overconfident
 or to hide its dark knowledge in a scale (CMIM, Nasty) is rescaled before distillation.
