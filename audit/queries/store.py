@@ -27,7 +27,9 @@ class QueryStore:
                  input_shape: list[int]):
         self.dir = Path(out) / QUERIES_DIR / spec.name
         existed = (self.dir / CACHE_DIR / FINGERPRINT).exists()
-        self.cache = AnswerCache(self.dir, fingerprint, size, num_classes)
+        # the rows' cache has already refused an unidentified model unless the user allowed it; these queries
+        # share its identity, so they do not ask again
+        self.cache = AnswerCache(self.dir, fingerprint, size, num_classes, allow_unidentified=True)
         shape = (size, *input_shape)
         path = self.dir / INPUTS
         if existed:
