@@ -146,7 +146,7 @@ class GuardMiddleware:
     def __init__(self, app, settings: Settings | None = None):
         self.app = app
         self.settings = settings or Settings.from_env()
-        self.ledger = Ledger(self.settings.keys_db, serving=True)
+        self.ledger = Ledger(self.settings.keys_db, serving=True, create=not self.settings.require_keys)
         self.admission = Admission(self.ledger)
         shape = load_card(self.settings.model_dir).input_shape
         self.limits = {media: body_limit(media, self.settings.max_rows, shape, self.settings.max_body_bytes)

@@ -105,9 +105,12 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 class Ledger:
     """The keys database. `serving=True` (the guard in each worker) moves WAL checkpoints off the request path."""
 
-    def __init__(self, path: str | Path, serving: bool = False):
+    def __init__(self, path: str | Path, serving: bool = False, create: bool | None = None):
         self.path = Path(path)
         self.serving = serving
+        # The service never creates a keys database (a missing one is an error, not an empty ledger), except when it
+        # runs open and only records anonymous batches; the key CLI creates one where it is told to
+        self.create = (not serving) if create is None else create
         self._conn: sqlite3.Connection | None = None
         self._ident: tuple[int, int] | None = None
         self._busy_ms = -1
@@ -118,7 +121,7 @@ class Ledger:
 
     # -- plumbing
     def _open(self, wait: float) -> sqlite3.Connection:
-        if self.serving:  # the service never creates a keys database: a missing one is an error, not an empty ledger
+        if not self.create:
             target, uri = f"file:{self.path}?mode=rw", True
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)

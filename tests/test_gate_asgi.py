@@ -184,3 +184,10 @@ def test_every_route_the_app_serves_is_classified(app):
     classes = classify_all(asgi)
     assert [path for path, kind in classes.items() if kind == "unclassified"] == []
     assert {path for path, kind in classes.items() if kind == "model"} == set(MODEL)
+
+
+def test_no_bentoml_route_takes_a_file_field(app):
+    """BentoML's multipart reader fetches a text part given for a file field as a URL: no BentoML API of the service
+    may have one (the upload route is served by serving/bulk.py, which reads exactly one file part)."""
+    service = sys.modules["serving.service"].Undistillable
+    assert {name: api.input_spec.multipart_fields for name, api in service.apis.items()} == {"predict": []}
