@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -45,7 +44,7 @@ def check_options(options: RayOptions, device: str) -> str | None:
     if options.student_gpus > 1 and options.student_gpus != int(options.student_gpus):
         return "--student-gpus above 1 must be a whole number of GPUs"
     if device == "cuda" and options.student_gpus == 0:
-        return "--device cuda with --ray needs --student-gpus > 0 (Ray hides the GPUs from tasks that ask for none)"
+        return "--device cuda with --ray needs --student-gpus > 0: a student runs on a GPU Ray gave it, or on the CPU"
     return ray_missing()
 
 
@@ -58,7 +57,9 @@ def connect(options: RayOptions) -> dict:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine unless asked
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        # "local": a new cluster of this machine, never one that happens to run here already
+        ray.init(address=options.address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")
         _session.clear()
     return ray.cluster_resources()
 
@@ -112,6 +113,9 @@ def train_student_task(data, task, threads: int, starts) -> tuple[dict, bytes | 
 
     ray.get(starts.started.remote(task.key, os.getpid(), ray.get_runtime_context().get_node_id()))
     torch.set_num_threads(threads)
+    if not ray.get_gpu_ids() and task.train.get("device", "auto") == "auto":
+        # Ray leaves the GPUs visible to a task that asked for none: it must not take one it was not given
+        task = replace(task, train={**task.train, "device": "cpu"})
     if not task.weights:
         return train_student(data, task), None
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,16 +182,4 @@ def _report_deaths(report, task, attempts: list[dict], died_last: bool) -> list[
     return deaths
 
 
-def local_cluster_seconds(num_cpus: int) -> float:
-    """Seconds to start a local cluster and have it run one (empty) task: the engine's start-up, apart."""
-    import ray
-
-    started = time.perf_counter()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.get(ray.remote(lambda: None).remote())
-    return time.perf_counter() - started
-
-
-__all__ = ["RayOptions", "INSTALL_HINT", "ray_missing", "check_options", "connect", "disconnect", "run_ray",
-           "local_cluster_seconds"]
+__all__ = ["RayOptions", "INSTALL_HINT", "ray_missing", "check_options", "connect", "disconnect", "run_ray"]

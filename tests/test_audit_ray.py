@@ -6,58 +6,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from bench.ray_head import LOOPBACK_ENV, start_head
 from conftest import ROOT
 from test_audit_jobs import BASE, audit, families, trained_keys, wait_for
 
 TASK_TITLE = "ray::train_student_task"  # the process title of a Ray worker while it trains a student
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RAY_ENV = LOOPBACK_ENV  # a loopback test cluster: no usage report, no token (whatever ~/.ray holds)
 
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """A one-node Ray cluster (2 CPUs, 200 MB object store) for the session; stopped at the end, whatever
+    """A one-node Ray cluster (2 CPUs, 200 MB object store) for the session, stopped at the end whatever
     happened: the head runs in the foreground (`ray start --block`) in its own process group."""
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                             "--disable-usage-stats", "--include-dashboard=false",
-                             "--object-store-memory", str(200 * 1024 ** 2), "--temp-dir", temp],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **RAY_ENV})
+    head = start_head(2, 200 * 1024 ** 2)
     try:
-        wait_for(lambda: head.poll() is not None or "block forever" in (Path(temp) / "head.log").read_text(),
-                 timeout=120, what="the Ray head to start")
-        assert head.poll() is None, (Path(temp) / "head.log").read_text()
-        yield f"127.0.0.1:{port}"
+        yield head.address
     finally:
-        head.send_signal(signal.SIGTERM)  # the head stops its raylet, which stops the workers
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # anything of its group left behind
-        except ProcessLookupError:
-            pass
-        head.wait()
-        log.close()
+        head.stop()
 
 
 def ray_audit(model: Path, out: Path, address: str, *extra: str) -> subprocess.Popen:
@@ -168,3 +139,21 @@ def test_ray_refuses_jobs_and_a_gpu_device_without_gpus(digits_ce_model, tmp_pat
     assert audit(*model, "--ray", "--device", "cuda") == 2
     assert audit(*model, "--ray", "--student-gpus", "1.5") == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_the_speed_benchmark_compares_ray_with_jobs_and_keeps_the_other_fields(ray_address, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "audit-speed.json").write_text(json.dumps({"vs_bare_loop": 1.15, "targets": {"vs_bare_loop": 0.85}}))
+    proc = subprocess.run([sys.executable, "-m", "bench.audit_speed", "--ray-only", "--ray-address", ray_address,
+                           "--dataset", "digits", "--rows", "300", "--epochs", "1", "--ray-students", "2",
+                           "--ray-rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **RAY_ENV})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "audit-speed.json").read_text())
+    assert result["vs_bare_loop"] == 1.15 and result["targets"] == {"vs_bare_loop": 0.85, "ray_vs_jobs": 0.9}
+    ray = result["ray"]
+    assert len(ray["seconds_per_round"]["jobs"]) == len(ray["seconds_per_round"]["ray"]) == len(ray["ratios"]) == 1
+    assert result["ray_vs_jobs"] == round(ray["seconds_per_round"]["jobs"][0] / ray["seconds_per_round"]["ray"][0], 3)
+    assert result["ray_startup_seconds"] is None  # a cluster it joined: its start-up is not the benchmark's
+    assert "--ray-only" in ray["command"] and "ray_vs_jobs" in (out / "audit-speed.md").read_text()
