@@ -90,7 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds at which every candidate of a family (LS ε, KD T × α) is trained before choosing (default 1)")
     r.add_argument("--jobs", type=int, help="students trained at once in worker processes (default: one per core on a "
                                             "CPU, capped by memory; 1 on a GPU)")
-    r.add_argument("--threads", type=int, help="torch threads per job (default: cores ÷ jobs)")
+    r.add_argument("--threads", type=int, help="torch threads per job (default: cores ÷ jobs; with --ray, "
+                                               "--student-cpus rounded down)")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="train the students as Ray tasks instead of --jobs processes: alone, on a local cluster "
+                        "started for this audit; 'auto' joins the cluster started on this node (`ray start`); or "
+                        "the head's host:port. Needs pip install '.[ray]'. Multi-node recipe: docs/audit.md")
+    r.add_argument("--student-cpus", type=float, default=1.0, help="with --ray: CPUs each student asks for (default 1)")
+    r.add_argument("--student-gpus", type=float, default=0.0,
+                   help="with --ray: GPUs each student asks for; a fraction packs several students on one GPU "
+                        "(0.25: four at a time). Default 0 (CPU)")
     r.add_argument("--references", type=Path,
                    help="a directory of reference students (LS, CE) shared by audits of the same dataset, transfer "
                         "rows and student recipe: they never see the teacher, so the second audit reuses them "
@@ -164,6 +173,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--query-batch must be ≥ 1, --retries ≥ 0 and --floor in (0, 1)")
     if args.jobs is not None and args.jobs < 1 or args.threads is not None and args.threads < 1:
         raise UsageError("--jobs and --threads must be ≥ 1")
+    ray = None
+    if args.ray is not None:
+        from audit.ray_jobs import RayOptions, check_options
+
+        if args.jobs is not None:
+            raise UsageError("--jobs sets worker processes on this machine; with --ray, --student-cpus and "
+                             "--student-gpus set what each student asks of the cluster")
+        ray = RayOptions(args.ray or None, args.student_cpus, args.student_gpus)
+        if problem := check_options(ray, args.device):
+            raise UsageError(problem)
     seeds: int | str = args.seeds.strip().lower()
     if seeds != "auto":
         try:
@@ -178,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         label_controls=args.label_controls, ls_epsilons=_floats(args.ls_epsilons, "--ls-epsilons"),
         ce_reference=args.ce_reference,
         data_dir=args.data_dir, lr=args.lr, batch_size=args.batch_size, query_batch=args.query_batch,
-        floor=args.floor, device=args.device, jobs=args.jobs, threads=args.threads, alpha=args.alpha,
+        floor=args.floor, device=args.device, jobs=args.jobs, threads=args.threads, ray=ray, alpha=args.alpha,
         margin=args.margin, references=args.references, progress=not args.quiet,
         command=_redacted_command(args.argv), allow_unidentified_model=args.allow_unidentified_model)
     if args.endpoint:

@@ -23,6 +23,7 @@ from audit.queries.collect import apply_to_plan, collect_queries
 from audit.queries.families import strategy_variants
 from audit.queries.reference import verdict_reference
 from audit.queries.summary import add_query_fields
+from audit.ray_jobs import RayOptions
 from audit.recover import DEFAULT_FLOOR, recover_logp
 from audit.stats import decide, paired_delta, summarise
 from audit.students import StudentData, default_jobs, run_students, test_accuracy_from_weights
@@ -74,6 +75,7 @@ class AuditSettings:
     device: str = "auto"
     jobs: int | None = None
     threads: int | None = None
+    ray: RayOptions | None = None  # students as Ray tasks on a cluster instead of --jobs worker processes
     references: Path | None = None  # a directory of reference students shared by audits of the same transfer set
     alpha: float = 0.05
     margin: float = 0.3  # points
@@ -215,7 +217,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
                        reference_dir=Path(settings.references) if settings.references else None)
     apply_to_plan(plan, query_entries, settings.epochs, len(data.train_y))
     _open_stores(plan, out)
-    jobs = settings.jobs or default_jobs(settings.device)
+    jobs = None if settings.ray else settings.jobs or default_jobs(settings.device)  # None: Ray tasks
     looks = settings.looks()
     alpha_look = settings.alpha / len(looks)
     interrupted, decision, seeds, deaths = False, None, looks[0], []
@@ -223,7 +225,8 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
         queued: set[str] = set()
         todo = plan.tasks(seeds)
         queued.update(t.key for t in todo)
-        _log(settings, f"{seeds} paired seeds: {len(todo)} students to train now, {jobs} job(s)")
+        _log(settings, f"{seeds} paired seeds: {len(todo)} students to train now, "
+                       + (f"Ray tasks of {settings.ray.student_cpus:g} CPU" if settings.ray else f"{jobs} job(s)"))
 
         def on_result(record: dict) -> list:
             _append(plan.home(record["family"]) / STUDENTS, record)
@@ -233,7 +236,7 @@ def run_audit(settings: AuditSettings, oracle: Oracle) -> dict:
             return fresh
 
         try:
-            pool = run_students(todo, data, on_result, jobs=jobs, threads=settings.threads,
+            pool = run_students(todo, data, on_result, jobs=jobs or 1, threads=settings.threads, ray=settings.ray,
                                 workdir=out / "students", progress=settings.progress,
                                 log=lambda m: print(f"audit: warning: {m}", file=sys.stderr, flush=True))
             deaths += pool.deaths

@@ -6,8 +6,8 @@ in-memory tensors, keeps the epoch with the best validation accuracy (early stop
 split only when the task asks for it (DESIGN §3: the test split is touched by chosen configurations only).
 
 `run_students` runs tasks one after another (`jobs=1`) or in `jobs` worker processes, each with
-`threads` torch threads. Results come back as they finish; a worker that dies is reported, replaced, and its
-student retried once.
+`threads` torch threads, or as Ray tasks on a cluster (`ray=RayOptions(...)`, `audit.ray_jobs`). Results come
+back as they finish; a worker that dies is reported, replaced, and its student retried once.
 """
 from __future__ import annotations
 
@@ -205,13 +205,14 @@ class PoolReport:
 
 def run_students(tasks: Iterable[StudentTask], data: StudentData, on_result: Callable[[dict], list[StudentTask]],
                  *, jobs: int = 1, threads: int | None = None, workdir: Path, progress: bool = True,
-                 log: Callable[[str], None] = print) -> PoolReport:
-    """Train `tasks` (and those `on_result` adds as results come in) with `jobs` processes; `on_result` gets each
-    record as soon as it is finished (the caller stores it). Ctrl-C stops the workers and re-raises."""
+                 log: Callable[[str], None] = print, ray=None) -> PoolReport:
+    """Train `tasks` (and those `on_result` adds as results come in) with `jobs` processes, or as Ray tasks when
+    `ray` (an `audit.ray_jobs.RayOptions`) is given; `on_result` gets each record as soon as it is finished (the
+    caller stores it). Ctrl-C stops the workers and re-raises."""
     from tqdm import tqdm
 
     pending = deque(tasks)
-    threads = threads or default_threads(jobs)
+    threads = threads or (max(1, int(ray.student_cpus)) if ray else default_threads(jobs))
     bar = tqdm(total=len(pending), unit="student", desc="students", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
     report = PoolReport()
@@ -227,7 +228,11 @@ def run_students(tasks: Iterable[StudentTask], data: StudentData, on_result: Cal
         bar.refresh()
 
     try:
-        if jobs <= 1:
+        if ray is not None:
+            from audit.ray_jobs import run_ray
+
+            run_ray(pending, data, finished, ray, threads, report, log)
+        elif jobs <= 1:
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
