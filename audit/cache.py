@@ -1,4 +1,4 @@
-"""The oracle's answers, cached on disk in the report directory as they arrive (DESIGN §3).
+"""The oracle's answers, cached on disk in the report directory as they arrive (docs/design.md §3).
 
 REPORT_DIR/cache/
   fingerprint.json   who was asked about what: model sha256, output policy, dataset, transfer-set size

@@ -22,7 +22,7 @@ The transfer set is the dataset's training split (the first --budget rows when g
 early-stopping epoch) is made there, and each attack family's choice alone is evaluated on the test split.
 Students train to a validation plateau (one-cycle schedule, best epoch kept) and are paired by seed.
 
-The outcome (DESIGN §3): distillable iff some family beats the label-smoothing student significantly
+The outcome (docs/design.md §3): distillable iff some family beats the label-smoothing student significantly
 (one-sided paired t-test, Holm over the families); undistillable iff every family's one-sided upper bound
 is within --margin points; otherwise inconclusive, with the seeds that would decide it (--seeds auto adds
 seeds in rounds 3, 5, 8, 12 until decided, splitting --alpha over the looks).

@@ -1,4 +1,4 @@
-"""Which students an audit trains, and the choices it makes on the validation slice (DESIGN §3).
+"""Which students an audit trains, and the choices it makes on the validation slice (docs/design.md §3).
 
 Students are grouped into families: the references (`ls` over its ε grid, `ce`) and one family per attack
 (`kd` over its T × α grid, the others with one configuration each). A family with several candidates trains

@@ -1,4 +1,4 @@
-"""From the oracle's answers to log-probabilities (DESIGN §3).
+"""From the oracle's answers to log-probabilities (docs/design.md §3).
 
 Under the `probs` policy, log p = z − logsumexp(z), so softmax(log p / T) = softmax(z / T) exactly wherever
 p > 0. Top-k answers (zeros outside the top k), rounded answers (zeros below the rounding step) and

@@ -75,7 +75,7 @@ def _reference_words(report: dict) -> str:
 
 
 def describe_verdict(report: dict) -> str:
-    """The verdict in words a user can act on (DESIGN §3), with the LS student's accuracy beside every Δ."""
+    """The verdict in words a user can act on (docs/design.md §3), with the LS student's accuracy beside every Δ."""
     v, t = report["verdict"], report["training"]
     ref = _reference_words(report)
     tried = [n for n, e in report["attacks"].items() if e.get("status") == "ok"]
@@ -183,7 +183,7 @@ def render_markdown(report: dict) -> str:
     v, q, r, t = report["verdict"], report["queries"], report["recovery"], report["training"]
     lines = [f"# Distillation audit: {report['oracle']['source']}", "",
              f"**Outcome: {v.get('outcome') or 'none'}.** {v['statement']}", "",
-             f"Rule (DESIGN §3): distillable iff some family's one-sided paired t-test of Δ ≤ 0 rejects at "
+             f"Rule (docs/design.md §3): distillable iff some family's one-sided paired t-test of Δ ≤ 0 rejects at "
              f"α = {v['alpha_per_look']:g} after Holm over the {len(v.get('families') or {})} families; undistillable "
              f"iff every family's one-sided {100 * (1 - v['alpha_per_look']):g}% upper bound is ≤ +{v['margin']:g} "
              f"points; inconclusive otherwise. " + _looks_text(v), ""]
@@ -310,7 +310,7 @@ def render_html(report: dict) -> str:
     table.append("</table>")
     md = render_markdown(report).split("\n")
     facts = "".join(f"<li>{html.escape(line[2:])}</li>" for line in md if line.startswith("- "))
-    rule = next((line for line in md if line.startswith("Rule (DESIGN")), "")
+    rule = next((line for line in md if line.startswith("Rule (docs/design.md")), "")
     imgs = "".join(f'<p><img alt="{k}" src="data:image/png;base64,{b}"></p>' for k, b in images.items())
     not_tried = ", ".join(f"{t['attack']} ({t['reason']})" for t in v["not_tried"]) or "none"
     controls = [(n, e["label_control"]) for n, e in report["attacks"].items() if e.get("label_control")]

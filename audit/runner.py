@@ -1,4 +1,4 @@
-"""An audit, start to finish (DESIGN §3): check the oracle against the dataset, collect (or resume) its answers,
+"""An audit, start to finish (docs/design.md §3): check the oracle against the dataset, collect (or resume) its answers,
 hold out a validation slice, train the students (choices made on validation, `audit.plan`) in one or more
 processes (`audit.students`), and collect their test accuracies. `audit.stats` decides; `audit.report` renders.
 """

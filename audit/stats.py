@@ -1,4 +1,4 @@
-"""Paired distillation gains and the audit's decision rule (DESIGN §3).
+"""Paired distillation gains and the audit's decision rule (docs/design.md §3).
 
 Δ_a = acc(knockoff_a) − acc(LS student), seed by seed. `decide` turns the Δ of every attack family into one
 of three outcomes:
@@ -128,7 +128,7 @@ def _seeds_needed(mean: float, std: float | None, n: int, test: str, alpha: floa
 
 
 def decide(deltas: Mapping[str, Sequence[float]], margin: float = 0.3, alpha: float = 0.05) -> Decision:
-    """The three-outcome verdict of DESIGN §3 from each attack family's paired per-seed Δ (points).
+    """The three-outcome verdict of docs/design.md §3 from each attack family's paired per-seed Δ (points).
 
     One seed gives no spread, so no test: every family is untested and the outcome is inconclusive. A family
     whose Δ is identical on every seed (zero spread) is treated as exact: rejected iff Δ > 0, bounded by Δ.

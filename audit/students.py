@@ -3,7 +3,7 @@
 A task names a recipe (`Variant`), a seed and the training settings. `train_student` builds the student (the
 seed fixes its initial weights, so students of one seed are paired), trains it with `protect.trainer.fit` on
 in-memory tensors, keeps the epoch with the best validation accuracy (early stopping), and evaluates the test
-split only when the task asks for it (DESIGN §3: the test split is touched by chosen configurations only).
+split only when the task asks for it (docs/design.md §3: the test split is touched by chosen configurations only).
 
 `run_students` runs tasks one after another (`jobs=1`) or in `jobs` worker processes, each with
 `threads` torch threads, or as Ray tasks on a cluster (`ray=RayOptions(...)`, `audit.ray_jobs`). Results come

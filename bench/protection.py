@@ -1,5 +1,5 @@
 """The protection benchmark (issue 11): teachers trained to convergence, each audited at the audit's converged
-default (choices on validation, ≥ 5 paired seeds, the three-outcome verdict of DESIGN §3).
+default (choices on validation, ≥ 5 paired seeds, the three-outcome verdict of docs/design.md §3).
 
 Rows: `ce`, `cmim` (required), `mcmi` (fine-tuned from ce), `nasty` (reference ce), `ce-top1` / `ce-round1` (the ce
 model served with top-1 only / 1 decimal), `cmim-cal` (the cmim model served temperature-recalibrated), and any

@@ -1,6 +1,6 @@
 """Conditional mutual information (CMI) of a classifier's tempered outputs, and the losses built on it.
 
-Notation (DESIGN §2): logits z(x), tempered output P_x^T = softmax(z/T), label y.
+Notation (docs/design.md §2): logits z(x), tempered output P_x^T = softmax(z/T), label y.
 Class centroid Q_y^T = E[P^T | Y=y]; CMI I_T = E[KL(P_X^T || Q_Y^T)].
 Separation Γ_T = E[mean_{v≠Y} KL(P_X^T || Q_v^T)]; NCMI = I / Γ (small: tight, far-apart clusters).
 

@@ -1,4 +1,4 @@
-"""Datasets by name (DESIGN §7), held in memory as raw [0, 1] pixels, and loaders that yield dict batches.
+"""Datasets by name (docs/design.md §7), held in memory as raw [0, 1] pixels, and loaders that yield dict batches.
 
 Every dataset gives raw pixels (N, C, H, W) float32 in [0, 1]; normalisation (per-channel mean/std of
 the training split) is applied by the loaders and recorded in the model card, so served clients send

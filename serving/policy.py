@@ -1,4 +1,4 @@
-"""Output policies: what the API reveals of the model's probabilities (DESIGN §5, docs/interfaces.md)."""
+"""Output policies: what the API reveals of the model's probabilities (docs/design.md §5, docs/interfaces.md)."""
 from __future__ import annotations
 
 import numpy as np

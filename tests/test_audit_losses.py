@@ -86,7 +86,7 @@ def test_kd_matches_hand_computation(tiny, T, alpha):
 
 
 def test_kd_on_log_probs_equals_kd_on_logits(tiny):
-    """The recovered log-probs give the same KD loss as the teacher's logits themselves (DESIGN §3)."""
+    """The recovered log-probs give the same KD loss as the teacher's logits themselves (docs/design.md §3)."""
     z_s, z_t, y, batch = tiny
     with_logits = dict(batch, teacher_logp=torch.tensor(z_t + 7.0, dtype=torch.float32))
     a = total(KD(4.0, 0.9).forward_train(FixedStudent(z_s), batch)[1])

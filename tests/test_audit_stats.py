@@ -1,4 +1,4 @@
-"""The audit's decision rule (audit.stats.decide, DESIGN §3): simulated error rates and the edge cases."""
+"""The audit's decision rule (audit.stats.decide, docs/design.md §3): simulated error rates and the edge cases."""
 from __future__ import annotations
 
 import gc

@@ -1,4 +1,4 @@
-"""The CMI math against brute force, its limits (DESIGN §2), and the direction of CMIM/MCMI gradients."""
+"""The CMI math against brute force, its limits (docs/design.md §2), and the direction of CMIM/MCMI gradients."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The attack battery (DESIGN §4): one class per file, a registry `ATTACKS`, and the references (LS, CE).
+"""The attack battery (docs/design.md §4): one class per file, a registry `ATTACKS`, and the references (LS, CE).
 
 `ATTACKS.get(name)` gives an `AttackSpec`; `expand_attacks("all" | "a,b,...")` turns a selection into the
 concrete students to train (`kd` becomes one variant per (T, α) of its grid, e.g. `kd-T4-a0.9`; a single

@@ -3,7 +3,7 @@
 An attack is a `protect.objectives.base.Objective`: `forward_train(model, batch)` returns the student's logits
 and a dict of named scalar losses that protect's trainer sums. Batches carry `teacher_logp` (B, C): the
 oracle's answers turned into log-probabilities (with a floor), so `softmax(teacher_logp / T)` is the
-teacher's tempered output `softmax(z / T)` (DESIGN §3).
+teacher's tempered output `softmax(z / T)` (docs/design.md §3).
 """
 from __future__ import annotations
 

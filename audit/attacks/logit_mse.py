@@ -1,6 +1,6 @@
 """`logit-mse`: regress the student's logits on the teacher's centred log-probabilities, plus CE on labels.
 
-Centred log-probabilities equal the teacher's centred logits wherever nothing was clamped (DESIGN §3).
+Centred log-probabilities equal the teacher's centred logits wherever nothing was clamped (docs/design.md §3).
 """
 from __future__ import annotations
 

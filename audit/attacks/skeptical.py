@@ -1,4 +1,4 @@
-"""`skeptical`: Skeptical Student (Kundu et al., NeurIPS 2021), as DESIGN §4 sketches it.
+"""`skeptical`: Skeptical Student (Kundu et al., NeurIPS 2021), as docs/design.md §4 sketches it.
 
 The teacher's signal reaches the student only through an auxiliary head on an intermediate layer
 (`features["mid"]`); the final head learns from the labels and by self-distillation from the (detached)
