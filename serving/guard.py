@@ -269,29 +269,33 @@ class GuardMiddleware:
         await self._run(scope, receive, send, body, decision)
 
     async def _run(self, scope, receive, send, body: bytes, decision: Decision | None) -> None:
-        """Run the model route with its reservation made; settle what is delivered, refund the rest."""
+        """Run the model route with its reservation made. The reservation is settled or refunded before a byte of
+        the answer is sent: a send held up by a client that does not read (flow control, no timeout) must not keep
+        it open, nor find it released and refunded once it finishes."""
         gone = asyncio.ensure_future(_client_gone(receive))
-        delivered = False
+        settled = False
         try:
             held = Held()
             await self.app(scope, _replay(body), held)
             if held.status is None:  # nothing to send
                 return
             if held.status >= 400:
+                if decision is not None:
+                    await self._refund(decision)
+                    decision = None
                 return await held.release(send)
             if gone.done():
                 logger.info("%s: the client left before its answer of %d rows was ready; not billed",
                             scope["path"], decision.rows if decision else 0)
                 return
+            if decision is not None:
+                self.admission.settle(decision)  # billed from here on: the answer goes to the server to send
+                settled = True
             await held.release(send)
-            delivered = True
         finally:
             gone.cancel()
-            if decision is not None:
-                if delivered:
-                    self.admission.settle(decision)
-                else:
-                    await self._refund(decision)
+            if decision is not None and not settled:
+                await self._refund(decision)
 
     async def _refund(self, decision: Decision) -> None:
         try:

@@ -234,8 +234,7 @@ class Ledger:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         if settled:
-                            conn.executemany("UPDATE batches SET state='served' WHERE id=? AND state='reserved'",
-                                             [(i,) for i in settled])
+                            self._mark_served(conn, settled)
                         result = fn(conn)
                     except BaseException:
                         conn.execute("ROLLBACK")
@@ -247,6 +246,19 @@ class Ledger:
                         raise LedgerBusy(f"{self.path} stayed locked for over {wait:g} s") from None
                     raise
                 return result
+
+    @staticmethod
+    def _mark_served(conn, batch_ids: list[int]) -> None:
+        """Settle delivered batches. One released meanwhile (its settle was held up past the reservation's expiry)
+        is charged again: an answer handed to the client is never left unbilled."""
+        marks = ",".join("?" * len(batch_ids))
+        recharged = conn.execute(f"UPDATE batches SET state='served' WHERE id IN ({marks}) AND state='released' "
+                                 "RETURNING key_id, rows", batch_ids).fetchall()
+        for key_id, rows in recharged:
+            if key_id is not None:
+                conn.execute("UPDATE keys SET rows_served = rows_served + ?, requests = requests + 1 WHERE id=?",
+                             (rows, key_id))
+        conn.execute(f"UPDATE batches SET state='served' WHERE id IN ({marks}) AND state='reserved'", batch_ids)
 
     def _read(self, fn, wait: float = CLI_WAIT):
         with self._held(wait):
@@ -380,7 +392,8 @@ class Ledger:
         return self._tx(run, wait)
 
     def settle(self, decision: Decision) -> None:
-        """The answer of a reserved batch was delivered: marked served in this worker's next transaction."""
+        """The answer of a reserved batch is handed to the client: marked served in this worker's next transaction
+        (or by its background thread within half a second)."""
         self._settled.append(decision.batch_id)
 
     def pending_settles(self) -> int:
@@ -392,9 +405,12 @@ class Ledger:
             self._tx(lambda conn: None, wait)
 
     def refund(self, decision: Decision, wait: float = CLI_WAIT) -> None:
-        """Undo a reservation whose answer was not delivered (refused by the model, client gone, send failed)."""
+        """Undo a reservation whose answer was not handed to the client (refused by the model, client gone). Only a
+        batch still reserved is refunded: one released already gave its rows back, and giving them twice would drive
+        the key's usage below zero."""
         def run(conn):
-            conn.execute("DELETE FROM batches WHERE id=?", (decision.batch_id,))
+            if conn.execute("DELETE FROM batches WHERE id=? AND state='reserved'", (decision.batch_id,)).rowcount == 0:
+                return
             if decision.key_id is not None:
                 conn.execute("UPDATE keys SET rows_served = rows_served - ?, requests = requests - 1,"
                              " tokens = CASE WHEN rate_rows_per_min IS NULL THEN tokens"
@@ -410,7 +426,7 @@ class Ledger:
             stale = conn.execute("SELECT id, key_id, rows FROM batches WHERE state='reserved' AND ts < ?",
                                  (cutoff,)).fetchall()
             for batch_id, key_id, rows in stale:
-                conn.execute("UPDATE batches SET state='released' WHERE id=?", (batch_id,))
+                conn.execute("UPDATE batches SET state='released' WHERE id=? AND state='reserved'", (batch_id,))
                 if key_id is not None:
                     conn.execute("UPDATE keys SET rows_served = rows_served - ?, requests = requests - 1 WHERE id=?",
                                  (rows, key_id))

@@ -17,7 +17,7 @@ from protect.card import ONNX, ModelCard, normalise, verify_model_dir
 from serving.config import Settings
 from serving.errors import InputError
 from serving.policy import apply_array
-from serving.routes import MODEL, body_limit
+from serving.routes import MODEL, NPY_HEADER_MAX, body_limit
 
 logger = logging.getLogger("serving")
 
@@ -83,8 +83,8 @@ def npy_header(body: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
         hlen, start = int.from_bytes(body[8:12], "little"), 12
     else:
         raise InputError("bad_npy", f"unsupported .npy format version {major}")
-    if hlen > 65536 or start + hlen > len(body):
-        raise InputError("bad_npy", "truncated or oversized .npy header")
+    if hlen > NPY_HEADER_MAX or start + hlen > len(body):
+        raise InputError("bad_npy", f"truncated .npy header, or one over {NPY_HEADER_MAX} bytes (numpy writes 128)")
     encoding = "utf8" if major == 3 else "latin1"
     try:
         header = ast.literal_eval(body[start:start + hlen].decode(encoding))

@@ -344,3 +344,44 @@ def test_revoke_refuses_an_argument_that_names_two_keys(tmp_path, capsys):
     assert [k["revoked"] for k in json.loads(capsys.readouterr().out)] == [None, None]
     assert keys.main(["--db", str(db), "revoke", "first"]) == 0
     assert keys.main(["--db", str(db), "revoke", prefix]) == 0  # now only the key of that name is active
+
+
+def test_a_refund_or_a_settle_after_a_release_neither_refunds_twice_nor_leaves_an_answer_unbilled(tmp_path):
+    """A reservation held past its expiry by a live request (a send stalled by a client that does not read) is
+    released; the late refund must not give its rows back a second time (the key's usage went below zero, so its
+    budget grew without bound), and a late settle charges it again."""
+    from serving.ledger import Ledger
+
+    db = tmp_path / "keys.sqlite"
+    keys_cli(db, "add", "late", "--budget", "10")
+    ledger = Ledger(db)
+    key_id = ledger.find("late")[0]["id"]
+    refused = ledger.reserve(key_id, 10, "/predict_npy", "a" * 64)
+    assert ledger.release_expired(ttl=-1) == 1 and usage(db, "late")["rows_served"] == 0
+    ledger.refund(refused)
+    assert usage(db, "late")["rows_served"] == 0, "a released reservation was refunded a second time"
+    delivered = ledger.reserve(key_id, 10, "/predict_npy", "b" * 64)
+    assert ledger.release_expired(ttl=-1) == 1
+    ledger.settle(delivered)
+    ledger.flush()
+    assert usage(db, "late")["rows_served"] == 10, "an answer handed to the client was left unbilled"
+    assert not ledger.reserve(key_id, 1, "/predict_npy", "c" * 64).allowed
+    ledger.close()
+    states = {b["digest"][0]: b["state"] for b in json.loads(keys_cli(db, "ledger", "late", "--json"))}
+    assert states == {"a": "released", "b": "served"}
+
+
+def test_an_npy_header_longer_than_numpy_writes_is_refused_before_it_is_parsed():
+    """ast.literal_eval of a 64 KiB header cost ~125 ms of the event loop per request, for free."""
+    from serving.errors import InputError
+    from serving.routes import NPY_HEADER_MAX
+    from serving.runtime import npy_header
+
+    body = npy(np.zeros((1, 1, 8, 8), np.float32))
+    hlen = int.from_bytes(body[8:10], "little")
+    header = body[10:10 + hlen].rstrip(b"\n") + b" " * (NPY_HEADER_MAX + 64) + b"\n"  # valid, padded
+    padded = body[:8] + len(header).to_bytes(2, "little") + header + body[10 + hlen:]
+    assert np.load(io.BytesIO(padded)).shape == (1, 1, 8, 8)  # numpy itself reads it
+    with pytest.raises(InputError) as exc:
+        npy_header(padded)
+    assert exc.value.error == "bad_npy" and str(NPY_HEADER_MAX) in exc.value.detail

@@ -191,3 +191,41 @@ def test_no_bentoml_route_takes_a_file_field(app):
     may have one (the upload route is served by serving/bulk.py, which reads exactly one file part)."""
     service = sys.modules["serving.service"].Undistillable
     assert {name: api.input_spec.multipart_fields for name, api in service.apis.items()} == {"predict": []}
+
+
+def test_an_answer_is_billed_before_it_is_sent(app, digits_x):
+    """A client that does not read stalls the send (flow control has no timeout): the batch must already be settled,
+    so that it can neither expire into a release nor wait for a refund while the send hangs."""
+    asgi, loop, db, keys, calls = app
+    ctype, body = bodies(digits_x)["npy"]
+    stalled = asyncio.Event()
+
+    async def run():
+        scope_headers = [(b"content-type", ctype), (b"authorization", f"Bearer {keys['valid']}".encode())]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict_npy", "raw_path": b"/predict_npy", "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"t"), (b"content-length", str(len(body)).encode()),
+                                              *scope_headers], "client": ("127.0.0.1", 1), "server": ("t", 80)}
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                stalled.set()
+                await asyncio.sleep(3600)  # the client never reads
+
+        task = asyncio.ensure_future(asgi(scope, receive, send))
+        await asyncio.wait_for(stalled.wait(), 30)
+        await asyncio.sleep(1.5)  # the background thread commits pending settles every half second
+        latest = json.loads(keys_cli(db, "ledger", "valid", "--json", "--limit", "1"))[0]
+        task.cancel()
+        return latest
+
+    latest = loop.run_until_complete(run())
+    assert latest["endpoint"] == "/predict_npy" and latest["state"] == "served", latest
