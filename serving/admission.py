@@ -2,7 +2,8 @@
 
 Each call first runs on the loop with no wait at all (the common case: the lock is free, a call takes ~0.1 ms, less
 than a thread hop); if the lock or the database is busy it moves to a thread that waits at most `LOCK_WAIT`, and then
-gives up with `LedgerBusy`, which the guard answers with 503 and `Retry-After`. A background thread per worker commits
+gives up with `LedgerBusy`. A ledger whose calls are network round trips (PostgreSQL: `inline = False`) always runs
+in the thread, which the guard answers with 503 and `Retry-After`. A background thread per worker commits
 delivered answers' settles the worker has no request to carry, and releases reservations left by killed workers.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 import anyio
 
-from serving.ledger import Decision, Ledger, LedgerBusy, LedgerUnavailable
+from serving.ledger_rules import Decision, LedgerBusy, LedgerUnavailable
 
 logger = logging.getLogger("bentoml.undistillable")
 
@@ -28,18 +29,20 @@ RELEASE_EVERY = 60.0
 class Admission:
     """Async, bounded access to one worker's Ledger."""
 
-    def __init__(self, ledger: Ledger):
-        self.ledger = ledger
+    def __init__(self, ledger):
+        self.ledger = ledger  # serving.ledger.Ledger or serving.ledger_pg.PgLedger
+        self.inline = getattr(ledger, "inline", True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._background, name="ledger-settles", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     async def call(self, method, *args):
-        try:
-            return method(*args, wait=0)
-        except LedgerBusy:
-            pass
+        if self.inline:
+            try:
+                return method(*args, wait=0)
+            except LedgerBusy:
+                pass
         return await anyio.to_thread.run_sync(functools.partial(method, *args, wait=LOCK_WAIT))
 
     async def lookup(self, key: str) -> int | None:
