@@ -84,6 +84,18 @@ class TempPostgres:
                     raise
                 time.sleep(0.2)
 
+    def new_database(self, hint: str = "db") -> str:
+        """Create an empty database (its name made from `hint`) and return its URL."""
+        import re
+
+        import psycopg
+
+        self._count = getattr(self, "_count", 0) + 1
+        name = f"{re.sub(r'[^a-z0-9]+', '_', hint.lower())[:40]}_{self._count}"
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (fast: its connections are cut at once); its data stays for the next `start()`."""
         if self.started:

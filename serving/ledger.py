@@ -332,10 +332,11 @@ class Ledger:
             self._tx(lambda conn: None, wait)
 
     def refund(self, decision: Decision, wait: float = CLI_WAIT) -> None:
-        """Undo a reservation whose answer was not delivered (refused by the model, client gone, send failed)."""
+        """Undo a reservation whose answer was not delivered (refused by the model, client gone, send failed). Only
+        a batch still reserved is refunded: a retried refund, or one after the release, never gives rows back twice."""
         def run(conn):
-            conn.execute("DELETE FROM batches WHERE id=?", (decision.batch_id,))
-            if decision.key_id is not None:
+            gone = conn.execute("DELETE FROM batches WHERE id=? AND state='reserved'", (decision.batch_id,)).rowcount
+            if gone and decision.key_id is not None:
                 conn.execute("UPDATE keys SET rows_served = rows_served - ?, requests = requests - 1,"
                              " tokens = CASE WHEN rate_rows_per_min IS NULL THEN tokens"
                              " ELSE MIN(rate_rows_per_min, tokens + ?) END WHERE id=?",
