@@ -11,7 +11,9 @@ settles (piggybacked on the worker's next write) and the release of expired rese
 `LedgerUnavailable`; both are answered 503 by the guard. A connection found dead before its transaction committed is
 retried once on a fresh one (the server rolled the transaction back); one lost during COMMIT is not, since it may have
 committed: a reservation committed so stays `reserved` and is released after RESERVATION_TTL. Each call is a round
-trip to the server, so the service runs it in a thread, never on the event loop (`inline = False`).
+trip to the server, so the service runs it in a thread, never on the event loop: `wait=0` (the event loop's first
+try, serving/admission.py) answers only what needs no round trip (`can_afford` right after `lookup`) and raises
+`LedgerBusy` for the rest, which moves the call to a thread.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ POOL_SIZE = 4  # connections per worker: requests beyond it queue on the pool (b
 CONNECT_TIMEOUT = 5  # seconds to reach the server (the CLI, and each connection the pool opens)
 # A replica that stops between BEGIN and COMMIT (suspended, its thread stuck) must not hold a key's row for ever
 IDLE_IN_TRANSACTION = "10s"
+LOOKUP_FRESH = 0.5  # seconds a key's state read by `lookup` answers `can_afford` (the same request's next question)
 BUSY = (pgerrors.LockNotAvailable, pgerrors.QueryCanceled, pgerrors.DeadlockDetected, pgerrors.SerializationFailure)
 
 
@@ -75,8 +78,6 @@ class PgLedger:
     """The keys database on a PostgreSQL server. `serving=True` (the guard in each worker) uses a connection pool;
     the CLI one connection. `create` makes the tables when they are missing (the CLI's init and add)."""
 
-    inline = False  # every call is a network round trip: never run on the event loop (serving/admission.py)
-
     def __init__(self, url: str, serving: bool = False, create: bool = False):
         self.url, self.where = url, redact(url)
         self.serving, self.create = serving, create
@@ -84,6 +85,7 @@ class PgLedger:
         self._conn: psycopg.Connection | None = None
         self._lock = threading.Lock()  # guards opening the pool, and the CLI's one connection
         self._settled: collections.deque[int] = collections.deque()  # delivered, not yet marked served
+        self._looked_up: dict[int, tuple[float, tuple]] = {}  # key id -> (when, state) read by `lookup`
         self._bounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> lock_timeout set (ms)
 
     # -- plumbing
@@ -154,10 +156,24 @@ class PgLedger:
             return LedgerUnavailable(f"lost the keys database {self.where}: {_first_line(exc)}")
         return None
 
+    def _drain(self) -> list[int]:
+        """The pending settles, taken once each: several threads of a worker run transactions at once."""
+        out = []
+        while True:
+            try:
+                out.append(self._settled.popleft())
+            except IndexError:
+                return out
+
     def _call(self, fn, wait: float, write: bool):
-        """fn(conn), in one transaction when `write` (the pending settles marked served in the same commit)."""
+        """fn(conn), in one transaction when `write` (the pending settles marked served in the same commit). One
+        statement per round trip: sending BEGIN and the settles with the row lock, and COMMIT with the charge (two
+        round trips, client-side binding), or psycopg's pipeline mode, measured no faster on loopback: the server's
+        parse and plan, not the network, is the cost."""
+        if wait <= 0:  # a round trip is a wait: the event loop's try (serving/admission.py) moves to a thread
+            raise LedgerBusy(f"the keys database {self.where} is a round trip away; asked not to wait")
         for attempt in (0, 1):
-            settled = [self._settled.popleft() for _ in range(len(self._settled))] if write else []
+            settled = self._drain() if write else []
             conn = self._get(wait)
             committing = False
             try:
@@ -257,9 +273,14 @@ class PgLedger:
         return self._read(lambda c: c.execute("SELECT COUNT(*) FROM keys WHERE revoked IS NULL").fetchone()[0])
 
     def lookup(self, key: str, wait: float = CLI_WAIT) -> int | None:
-        row = self._read(lambda c: c.execute("SELECT id FROM keys WHERE key_hash=%s AND revoked IS NULL",
-                                             (hash_key(key),)).fetchone(), wait)
-        return row[0] if row else None
+        """The active key's id, or None. Its budget and rate state comes with it, kept for the `can_afford` of the
+        same request (one round trip less; `reserve` rereads it under the row lock and decides for good)."""
+        row = self._read(lambda c: c.execute(f"SELECT id, {KEY_STATE_COLUMNS} FROM keys WHERE key_hash=%s AND "
+                                             "revoked IS NULL", (hash_key(key),)).fetchone(), wait)
+        if row is None:
+            return None
+        self._looked_up[row[0]] = (time.monotonic(), row[1:])
+        return row[0]
 
     @staticmethod
     def _count_refusal(conn, key_id: int, refusal: Decision, now: float) -> Decision:
@@ -270,7 +291,12 @@ class PgLedger:
     def can_afford(self, key_id: int, rows: int = 1, wait: float = CLI_WAIT) -> Decision | None:
         """The refusal a request of `rows` would get now, or None (a read; `reserve` decides for good)."""
         now = time.time()
-        refusal, _ = assess(self._read(lambda c: c.execute(KEY_STATE, (key_id,)).fetchone(), wait), rows, now)
+        seen = self._looked_up.pop(key_id, None)
+        if seen is not None and time.monotonic() - seen[0] < LOOKUP_FRESH:
+            state = seen[1]
+        else:
+            state = self._read(lambda c: c.execute(KEY_STATE, (key_id,)).fetchone(), wait)
+        refusal, _ = assess(state, rows, now)
         if refusal is None:
             return None
         return self._tx(lambda conn: self._count_refusal(conn, key_id, refusal, now), wait)
