@@ -51,6 +51,44 @@ def fsync_ms(directory: Path, n: int = 50) -> float:
         path.unlink()
 
 
+def ledger_alone(target: str, threads: int = 8, per_thread: int = 150) -> dict:
+    """Where the time goes: the guard's ledger calls of one request (lookup, can_afford, reserve, settle) from
+    `threads` threads over two ledger objects (two workers) on one key, without HTTP or model: requests/s, and the
+    mean time of one reservation alone."""
+    import threading
+
+    from serving.ledger_rules import open_ledger
+
+    admin = open_ledger(target, create=True)
+    key = admin.add_key(f"alone-{time.time_ns()}")
+    admin.close()
+    ledgers = [open_ledger(target, serving=True) for _ in range(2)]
+    key_id = ledgers[0].lookup(key, wait=2)
+
+    def client(ledger):
+        for _ in range(per_thread):
+            ledger.lookup(key, wait=2)
+            ledger.can_afford(key_id, 1, wait=2)
+            ledger.settle(ledger.reserve(key_id, 1, "/predict", "0" * 64, wait=2))
+
+    try:
+        pool = [threading.Thread(target=client, args=(ledgers[i % 2],)) for i in range(threads)]
+        t0 = time.perf_counter()
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        per_s = threads * per_thread / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            ledgers[0].settle(ledgers[0].reserve(key_id, 1, "/predict", "0" * 64, wait=2))
+        reserve_ms = 1000 * (time.perf_counter() - t0) / 200
+    finally:
+        for ledger in ledgers:
+            ledger.close()
+    return {"threads": threads, "one_key_requests_per_s": per_s, "reserve_ms": reserve_ms}
+
+
 def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict:
     from protect.card import verify_model_dir
     from serving.runtime import to_npy
@@ -71,6 +109,7 @@ def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict:
     rps = {name: [] for name in NAMES}
     bulk = {name: [] for name in NAMES}
     load_before = os.getloadavg()
+    alone = {name: ledger_alone(targets[name]) for name in NAMES}
     try:
         for name in NAMES:  # warm-up: connections, pools, the model
             http_rows_per_s(servers[name].url, auth[name], bodies[:2 * args.workers], args.batch, args.workers)
@@ -91,7 +130,7 @@ def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict:
     single_ratio = [p / s for p, s in zip(rps["postgres"], rps["sqlite"])]
     bulk_ratio = [p / s for p, s in zip(bulk["postgres"], bulk["sqlite"])]
     return {
-        "card": card, "load_average_before": load_before, "no_5xx": no_5xx,
+        "card": card, "load_average_before": load_before, "no_5xx": no_5xx, "ledger_alone": alone,
         "single_c8_postgres_vs_sqlite": statistics.median(single_ratio),
         "bulk_postgres_vs_sqlite": statistics.median(bulk_ratio),
         "single_image_c8": {**{name: summary(lat[name], rps[name]) for name in NAMES},
@@ -106,7 +145,7 @@ def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict:
 def markdown(result: dict) -> str:
     s, b = result["single_image_c8"], result["bulk"]
     yes = {True: "yes", False: "**no**"}
-    pg = result["postgres"]
+    pg, a = result["postgres"], result["ledger_alone"]
     return (
         f"# Serving on the PostgreSQL ledger vs the SQLite ledger ({result['created']})\n\n"
         f"Command: `{result['command']}`  \n"
@@ -123,7 +162,13 @@ def markdown(result: dict) -> str:
         f"| single image c=8, p50 / p99 ms | {s['postgres']['p50_ms']:.1f} / {s['postgres']['p99_ms']:.1f} | "
         f"{s['sqlite']['p50_ms']:.1f} / {s['sqlite']['p99_ms']:.1f} | | | |\n"
         f"| bulk /predict_npy batch {b['batch']}, rows/s | {b['postgres_median']:,.0f} | {b['sqlite_median']:,.0f} | "
-        f"{result['bulk_postgres_vs_sqlite']:.2f} | ≥ {TARGET} | {yes[result['targets']['bulk_postgres_vs_sqlite']]} |\n")
+        f"{result['bulk_postgres_vs_sqlite']:.2f} | ≥ {TARGET} | {yes[result['targets']['bulk_postgres_vs_sqlite']]} |\n"
+        f"| ledger alone: one request's calls, 8 threads on one key, req/s | "
+        f"{a['postgres']['one_key_requests_per_s']:,.0f} | {a['sqlite']['one_key_requests_per_s']:,.0f} | | | |\n"
+        f"| ledger alone: one reservation, ms | {a['postgres']['reserve_ms']:.2f} | {a['sqlite']['reserve_ms']:.2f} | "
+        f"| | |\n\nPer round (PostgreSQL ÷ SQLite): single c=8 "
+        f"{', '.join(f'{r:.2f}' for r in s['ratio_per_round'])}; bulk "
+        f"{', '.join(f'{r:.2f}' for r in b['ratio_per_round'])}.\n")
 
 
 def main(argv: list[str] | None = None) -> int:

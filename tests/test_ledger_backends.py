@@ -6,19 +6,22 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from serving.ledger_rules import LedgerBusy, LedgerUnavailable, is_url, open_ledger
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def target(request, tmp_path):
     """A keys database (a path or a URL) with its tables made."""
     where = str(tmp_path / "keys.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres_db")
-    open_ledger(where, create=True).close() if is_url(where) else open_ledger(where).active_keys()
+    ledger = open_ledger(where, create=True)
+    ledger.active_keys()  # makes the file (SQLite) or the tables (PostgreSQL)
+    ledger.close()
     return where
 
 
@@ -170,3 +173,20 @@ def test_a_postgres_ledger_that_cannot_be_used_says_why(postgres_db, postgres):
     proc = keys(postgres_db, "list")
     assert proc.returncode == 1 and "init" in proc.stderr  # reads never create the tables
     assert keys(postgres_db, "init").returncode == 0 and keys(postgres_db, "list").returncode == 0
+
+
+def test_a_postgres_ledger_never_makes_a_round_trip_when_asked_not_to_wait(postgres_db):
+    """wait=0 is the event loop's first try (serving/admission.py): a network call must move to a thread."""
+    admin = open_ledger(postgres_db, create=True)
+    worker = open_ledger(postgres_db, serving=True)
+    try:
+        key_id = worker.lookup(key := admin.add_key("loop", row_budget=3), wait=2)
+        assert worker.can_afford(key_id, 1, wait=0) is None  # the state `lookup` just read: no round trip
+        for call in (lambda: worker.lookup(key, wait=0), lambda: worker.can_afford(key_id, 1, wait=0),
+                     lambda: worker.reserve(key_id, 1, "/predict", "0" * 64, wait=0)):
+            with pytest.raises(LedgerBusy, match="round trip"):
+                call()
+        assert admin.list_keys()[0]["rows_served"] == 0
+    finally:
+        worker.close()
+        admin.close()
