@@ -58,6 +58,15 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS batches_open ON batches(state, ts)",
 ]
 KEY_STATE = f"SELECT {KEY_STATE_COLUMNS} FROM keys WHERE id=%s"
+# Settle delivered batches in one statement. One released meanwhile (its settle was held up past the reservation's
+# expiry) is charged again: an answer handed to the client is never left unbilled.
+MARK_SERVED = """WITH open AS (SELECT id, key_id, rows, state FROM batches WHERE id = ANY(%s)
+                               AND state IN ('reserved', 'released') FOR UPDATE),
+     marked AS (UPDATE batches b SET state='served' FROM open WHERE b.id = open.id),
+     recharge AS (SELECT key_id, SUM(rows) AS rows, COUNT(*) AS n FROM open
+                  WHERE state='released' AND key_id IS NOT NULL GROUP BY key_id)
+UPDATE keys SET rows_served = rows_served + recharge.rows, requests = requests + recharge.n
+FROM recharge WHERE keys.id = recharge.key_id"""
 POOL_SIZE = 4  # connections per worker: requests beyond it queue on the pool (bounded by `wait`)
 CONNECT_TIMEOUT = 5  # seconds to reach the server (the CLI, and each connection the pool opens)
 # A replica that stops between BEGIN and COMMIT (suspended, its thread stuck) must not hold a key's row for ever
@@ -98,12 +107,16 @@ class PgLedger:
                                    application_name="undistillable-keys")
         except psycopg.Error as exc:
             raise LedgerUnavailable(f"cannot reach the keys database {self.where}: {str(exc).strip()}") from None
-        self._configure(conn)
-        if self.create:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext('undistillable keys schema'))")
-                for statement in SCHEMA:
-                    conn.execute(statement)
+        try:
+            self._configure(conn)
+            if self.create:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext('undistillable keys schema'))")
+                    for statement in SCHEMA:
+                        conn.execute(statement)
+        except psycopg.Error as exc:  # e.g. a role without CREATE on the database
+            conn.close()
+            raise LedgerUnavailable(f"cannot prepare the keys tables in {self.where}: {_first_line(exc)}") from None
         return conn
 
     def _get(self, wait: float) -> psycopg.Connection:
@@ -183,8 +196,7 @@ class PgLedger:
                         return fn(conn)
                     conn.execute("BEGIN")
                     if settled:
-                        conn.execute("UPDATE batches SET state='served' WHERE id = ANY(%s) AND state='reserved'",
-                                     (settled,))
+                        conn.execute(MARK_SERVED, (settled,))
                     result = fn(conn)
                     committing = True
                     conn.execute("COMMIT")

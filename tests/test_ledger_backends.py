@@ -190,3 +190,24 @@ def test_a_postgres_ledger_never_makes_a_round_trip_when_asked_not_to_wait(postg
     finally:
         worker.close()
         admin.close()
+
+
+def test_a_settle_held_up_past_the_release_charges_the_rows_again(postgres_db):
+    """An answer was delivered but its settle reached the database only after the reservation expired and was
+    released (its worker stalled): the settle charges it again, so no delivered answer is left unbilled."""
+    admin = open_ledger(postgres_db, create=True)
+    replicas = [open_ledger(postgres_db, serving=True), open_ledger(postgres_db, serving=True)]
+    try:
+        key_id = replicas[0].lookup(admin.add_key("late", row_budget=20), wait=2)
+        late = replicas[0].reserve(key_id, 6, "/predict", "a" * 64)
+        replicas[0].settle(late)
+        assert replicas[1].release_expired(ttl=0) == 1 and admin.list_keys()[0]["rows_served"] == 0
+        replicas[0].flush()
+        k = admin.list_keys()[0]
+        assert (k["rows_served"], k["requests"]) == (6, 1)
+        assert [b["state"] for b in admin.batches(key_id)] == ["served"]
+        replicas[0].flush()  # nothing pending: nothing charged twice
+        assert admin.list_keys()[0]["rows_served"] == 6
+    finally:
+        for ledger in (*replicas, admin):
+            ledger.close()
