@@ -2,8 +2,10 @@
 
 Each call first runs on the loop with no wait at all (the common case: the lock is free, a call takes ~0.1 ms, less
 than a thread hop); if the lock or the database is busy it moves to a thread that waits at most `LOCK_WAIT`, and then
-gives up with `LedgerBusy`, which the guard answers with 503 and `Retry-After`. A background thread per worker commits
-delivered answers' settles the worker has no request to carry, and releases reservations left by killed workers.
+gives up with `LedgerBusy`, which the guard answers with 503 and `Retry-After`. A ledger on a server
+(serving/ledger_pg.py) answers `wait=0` only when it needs no round trip and raises `LedgerBusy` at once otherwise, so
+its network calls always run in the thread. A background thread per worker commits delivered answers' settles the
+worker has no request to carry, and releases reservations left by killed workers.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 
 import anyio
 
-from serving.ledger import Decision, Ledger, LedgerBusy, LedgerUnavailable
+from serving.ledger_rules import Decision, LedgerBusy, LedgerUnavailable
 
 logger = logging.getLogger("bentoml.undistillable")
 
@@ -28,7 +30,7 @@ RELEASE_EVERY = 60.0
 class Admission:
     """Async, bounded access to one worker's Ledger."""
 
-    def __init__(self, ledger: Ledger):
+    def __init__(self, ledger):  # serving.ledger.Ledger or serving.ledger_pg.PgLedger
         self.ledger = ledger
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._background, name="ledger-settles", daemon=True)

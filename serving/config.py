@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.ledger_rules import is_url
+
 PREFIX = "UNDISTILLABLE_"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "default"
@@ -77,7 +79,7 @@ class OutputPolicy:
 class Settings:
     model_dir: Path = DEFAULT_MODEL_DIR
     policy: OutputPolicy = field(default_factory=OutputPolicy)
-    keys_db: Path = DEFAULT_KEYS_DB
+    keys_db: Path | str = DEFAULT_KEYS_DB  # a SQLite file, or a postgresql:// URL (serving/ledger_pg.py)
     keys_db_configured: bool = False  # UNDISTILLABLE_KEYS_DB was set (else the default path): for messages
     # Fail closed: keys are required unless the operator turns them off (UNDISTILLABLE_REQUIRE_KEYS=off).
     # Never inferred from the database's contents, so revoking the last key or naming the wrong database
@@ -106,7 +108,7 @@ class Settings:
         return cls(
             model_dir=Path(_env("MODEL_DIR", str(DEFAULT_MODEL_DIR))).expanduser(),
             policy=policy,
-            keys_db=Path(keys_db or DEFAULT_KEYS_DB).expanduser(),
+            keys_db=keys_db if is_url(keys_db) else Path(keys_db or DEFAULT_KEYS_DB).expanduser(),
             keys_db_configured=keys_db is not None,
             # "auto" was the former default; it now means on (it used to open the API when no key was active)
             require_keys=require not in ("0", "false", "no", "off"),

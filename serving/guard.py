@@ -23,7 +23,7 @@ import anyio
 from protect.card import load_card
 from serving.admission import RETRY_AFTER, Admission
 from serving.config import PREFIX, ConfigError, Settings
-from serving.ledger import Decision, Ledger, LedgerBusy, LedgerUnavailable
+from serving.ledger_rules import Decision, LedgerBusy, LedgerUnavailable, is_url, open_ledger, redact
 from serving.openapi import patch_openapi
 from serving.responses import Capture, Held, respond
 from serving.routes import MEDIA, MODEL, OPEN_METHODS, Resolved, bad_path, body_limit, resolve
@@ -108,27 +108,34 @@ def rows_and_digest(media: str, body: bytes) -> tuple[int | None, str]:
 
 def auth_at_start(settings: Settings) -> tuple[int, str]:
     """(log level, line) saying how the API is guarded; ConfigError when keys are required and the keys
-    database is missing or unreadable (a wrong path must stop the server, not open it)."""
+    database is missing, unreachable or unreadable (a wrong path or URL must stop the server, not open it)."""
     db = settings.keys_db
+    shown = redact(db) if is_url(db) else db
     if not settings.require_keys:
         return logging.WARNING, (f"running OPEN: no API keys are required ({PREFIX}REQUIRE_KEYS=off); anyone who "
-                                 f"reaches this port gets answers with no budget (ledger: {db if settings.ledger else 'off'})")
-    where = f"{PREFIX}KEYS_DB={db}" if settings.keys_db_configured else f"the default keys database {db}"
-    if not db.is_file():
+                                 f"reaches this port gets answers with no budget (ledger: "
+                                 f"{shown if settings.ledger else 'off'})")
+    where = f"{PREFIX}KEYS_DB={shown}" if settings.keys_db_configured else f"the default keys database {shown}"
+    if not is_url(db) and not db.is_file():
         raise ConfigError(f"API keys are required but {where} does not exist. Create it and a key with "
                           f"`python -m serving.keys --db {db} add NAME` (or fix the path), or set "
                           f"{PREFIX}REQUIRE_KEYS=off to serve without keys")
-    ledger = Ledger(db)
+    ledger = open_ledger(db, create=False)
     try:
         active = ledger.active_keys()
-    except (sqlite3.DatabaseError, LedgerUnavailable) as exc:
+    except (LedgerBusy, LedgerUnavailable) as exc:
+        if is_url(db):
+            raise ConfigError(f"API keys are required but {where} cannot be used: {exc}. Start the server or fix the "
+                              f"URL; create the tables with `python -m serving.keys --db URL init`") from None
+        raise ConfigError(f"API keys are required but {where} is not a keys database ({exc})") from None
+    except sqlite3.DatabaseError as exc:
         raise ConfigError(f"API keys are required but {where} is not a keys database ({exc})") from None
     finally:
         ledger.close()
     if active == 0:
         return logging.WARNING, (f"API keys required, and {where} holds no active key: every prediction is refused "
-                                 f"(401) until one is added with `python -m serving.keys --db {db} add NAME`")
-    return logging.INFO, f"API keys required: {active} active keys in {db}"
+                                 f"(401) until one is added with `python -m serving.keys --db {shown} add NAME`")
+    return logging.INFO, f"API keys required: {active} active keys in {shown}"
 
 
 async def _refuse(send, decision: Decision) -> None:
@@ -146,7 +153,7 @@ class GuardMiddleware:
     def __init__(self, app, settings: Settings | None = None):
         self.app = app
         self.settings = settings or Settings.from_env()
-        self.ledger = Ledger(self.settings.keys_db, serving=True, create=not self.settings.require_keys)
+        self.ledger = open_ledger(self.settings.keys_db, serving=True, create=not self.settings.require_keys)
         self.admission = Admission(self.ledger)
         shape = load_card(self.settings.model_dir).input_shape
         self.limits = {media: body_limit(media, self.settings.max_rows, shape, self.settings.max_body_bytes)

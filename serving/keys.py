@@ -1,9 +1,10 @@
-"""Manage API keys: `python -m serving.keys [--db PATH] init|add|list|revoke|ledger`.
+"""Manage API keys: `python -m serving.keys [--db PATH|URL] init|add|list|revoke|ledger`.
 
 The database is --db, else UNDISTILLABLE_KEYS_DB, else the service's default (ledger/serving.sqlite beside
-serving/); the running service sees changes at once. A database is created only when named (--db or the
-variable) or by `init`, never by a typo or a forgotten variable. A key is shown once, when it is added; only its
-sha256 is stored.
+serving/): a SQLite file, or a PostgreSQL URL (postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME) that every replica
+of the service shares. The running service sees changes at once (every replica, on its next request). A database,
+or the tables in a PostgreSQL one, is created only when named (--db or the variable) and asked for with `init` or
+`add`, never by a typo or a forgotten variable. A key is shown once, when it is added; only its sha256 is stored.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from serving.config import DEFAULT_KEYS_DB, PREFIX
-from serving.ledger import Ledger, LedgerBusy, LedgerUnavailable
+from serving.ledger_rules import LedgerBusy, LedgerUnavailable, is_url, open_ledger, redact
 
 
 def _when(ts) -> str:
@@ -26,8 +27,8 @@ def _when(ts) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.keys", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--db", help="key and ledger database (default: UNDISTILLABLE_KEYS_DB, else ledger/serving.sqlite "
-                   "beside serving/)")
+    p.add_argument("--db", help="key and ledger database: a SQLite path or a postgresql:// URL (default: "
+                   "UNDISTILLABLE_KEYS_DB, else ledger/serving.sqlite beside serving/)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create the database (an empty one; `add` creates it too when it is named)")
     a = sub.add_parser("add", help="create a key and print it (once)")
@@ -49,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def database(args: argparse.Namespace) -> tuple[Path, str | None]:
-    """The database path and, when it may not be used, why: only `init` or a named database may create one."""
+def database(args: argparse.Namespace) -> tuple[Path | str, str | None]:
+    """The database path (or URL) and, when it may not be used, why: only `init` or a named database may create
+    one. A URL's tables are checked when it is opened (`init` and `add` create them)."""
     named = args.db or os.environ.get(PREFIX + "KEYS_DB")
+    if is_url(named):
+        return named, None
     path = Path(named or DEFAULT_KEYS_DB).expanduser()
     if path.is_file() or args.command == "init" or (named and args.command == "add"):
         return path, None
@@ -71,7 +75,7 @@ def check_limits(budget: int | None, rate: float | None) -> str | None:
     return None
 
 
-def one_key(ledger: Ledger, arg: str, active_only: bool) -> tuple[dict | None, str | None]:
+def one_key(ledger, arg: str, active_only: bool) -> tuple[dict | None, str | None]:
     """The one key named `arg` or whose prefix is `arg`; else why not (none, or several: listed)."""
     found = ledger.find(arg, active_only=active_only)
     if not found:
@@ -95,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "add" and (problem := check_limits(args.budget, args.rate)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    ledger = Ledger(path)
+    ledger = open_ledger(path, create=args.command in ("init", "add"))
     try:
-        return _run(args, ledger, path)
+        return _run(args, ledger, redact(path) if is_url(path) else path)
     except (LedgerBusy, LedgerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -105,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         ledger.close()
 
 
-def _run(args: argparse.Namespace, ledger: Ledger, path: Path) -> int:
+def _run(args: argparse.Namespace, ledger, path: Path | str) -> int:
     """One subcommand; 0 on success, 1 when the key or the name is refused."""
     if args.command == "init":
-        existed = path.is_file()
+        existed = path.is_file() if isinstance(path, Path) else None
         ledger.active_keys()  # creates the file and its tables
-        print(f"{'keys database already exists' if existed else 'created keys database'}: {path}")
+        state = {True: "keys database already exists", False: "created keys database", None: "keys tables ready"}
+        print(f"{state[existed]}: {path}")
     elif args.command == "add":
         try:
             key = ledger.add_key(args.name, args.budget, args.rate)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
-import hashlib
-import math
 import os
-import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from serving.ledger_rules import (  # noqa: F401  (re-exported: callers import them from here)
+    BATCH_COLUMNS, CLI_WAIT, KEY_PREFIX, KEY_STATE_COLUMNS, REQUEST_TIMEOUT, RESERVATION_TTL, Decision, LedgerBusy, LedgerUnavailable,
+    LIST_COLUMNS, assess, hash_key, new_key)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -60,42 +60,7 @@ CREATE INDEX IF NOT EXISTS batches_key ON batches(key_id, ts);
 # Databases made before reservations have no `state`: every batch they hold was served.
 MIGRATIONS = ["ALTER TABLE batches ADD COLUMN state TEXT NOT NULL DEFAULT 'served'",
               "CREATE INDEX IF NOT EXISTS batches_open ON batches(state, ts)"]
-KEY_PREFIX = "ud_"
-KEY_STATE = "SELECT row_budget, rate_rows_per_min, tokens, tokens_ts, rows_served, revoked FROM keys WHERE id=?"
-# BentoML's request timeout is 300 s (serving/service.py): no live worker holds a reservation longer than that.
-REQUEST_TIMEOUT = 300.0
-RESERVATION_TTL = REQUEST_TIMEOUT + 60.0
-CLI_WAIT = 30.0  # the key CLI may wait this long for the lock; the service waits far less (serving/admission.py)
-
-
-class LedgerBusy(RuntimeError):
-    """The writers' lock or the database stayed locked for longer than the caller may wait."""
-
-
-class LedgerUnavailable(RuntimeError):
-    """The keys database is gone, or is no longer a keys database."""
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(24)
-
-
-@dataclass
-class Decision:
-    """The outcome of an admission question: allowed (with the reserved batch), or a refusal to send as is."""
-
-    allowed: bool
-    status: int = 200
-    error: str = ""
-    detail: str = ""
-    retry_after: int | None = None
-    batch_id: int | None = None
-    key_id: int | None = None
-    rows: int = 0
+KEY_STATE = f"SELECT {KEY_STATE_COLUMNS} FROM keys WHERE id=?"
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -309,8 +274,7 @@ class Ledger:
                                             (time.time(), key_id)).rowcount) > 0
 
     def list_keys(self) -> list[dict]:
-        cols = ["id", "name", "prefix", "row_budget", "rate_rows_per_min", "rows_served", "requests", "refused",
-                "first_seen", "last_seen", "created", "revoked"]
+        cols = LIST_COLUMNS
         rows = self._read(lambda c: c.execute(f"SELECT {', '.join(cols)} FROM keys ORDER BY id").fetchall())
         return [dict(zip(cols, r)) for r in rows]
 
@@ -323,7 +287,7 @@ class Ledger:
             return c.execute("SELECT b.id, k.name, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
                              "JOIN keys k ON k.id = b.key_id WHERE k.id=? ORDER BY b.id DESC LIMIT ?",
                              (key_id, limit)).fetchall()
-        return [dict(zip(["id", "key", "ts", "endpoint", "rows", "digest", "state"], r)) for r in self._read(run)]
+        return [dict(zip(BATCH_COLUMNS, r)) for r in self._read(run)]
 
     # -- the guard's questions
     def active_keys(self) -> int:
@@ -334,28 +298,7 @@ class Ledger:
                                              (hash_key(key),)).fetchone(), wait)
         return row[0] if row else None
 
-    @staticmethod
-    def _assess(row, rows: int, now: float) -> tuple[Decision | None, float | None]:
-        """Budget and rate checks on a key's row: (refusal, None), or (None, tokens left after the charge)."""
-        if row is None or row[5] is not None:
-            return Decision(False, 401, "unauthorized", "the API key was revoked"), None
-        budget, rate, tokens, tokens_ts, served, _ = row
-        if budget is not None and served + rows > budget:
-            left = max(0, budget - served)
-            return Decision(False, 429, "over_budget",
-                            f"this request has {rows} rows; the key's budget has {left} of {budget} rows left"), None
-        if rate is None:
-            return None, None
-        capacity = rate
-        tokens = capacity if tokens is None else min(capacity, tokens + (now - (tokens_ts or now)) * rate / 60)
-        if rows > capacity:
-            return Decision(False, 429, "over_rate", f"{rows} rows in one request exceed the key's rate of {rate:g} "
-                            "rows per minute; send smaller batches"), None
-        if tokens < rows:
-            wait = math.ceil((rows - tokens) * 60 / rate)
-            return Decision(False, 429, "over_rate", f"rate limit of {rate:g} rows per minute reached; retry in "
-                            f"{wait} s", retry_after=max(1, wait)), None
-        return None, tokens - rows
+    _assess = staticmethod(assess)
 
     @staticmethod
     def _count_refusal(conn, key_id: int, refusal: Decision, now: float) -> Decision:

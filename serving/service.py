@@ -17,7 +17,7 @@ from protect.card import ModelDirError, verify_model_dir
 from serving.config import ConfigError, Settings
 from serving.errors import InputError
 from serving.guard import GuardMiddleware, auth_at_start
-from serving.ledger import REQUEST_TIMEOUT
+from serving.ledger_rules import REQUEST_TIMEOUT
 from serving.policy import rows_json
 from serving.routes import MODEL
 from serving.runtime import SMALL_BATCH, Runtime, decode_json

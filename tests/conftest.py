@@ -63,3 +63,24 @@ def digits_x():
     from protect.data import load_dataset
 
     return load_dataset("digits", None).test_x.numpy().astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session (bench/postgres_server.py), stopped and removed at the end
+    even when tests fail; `postgres_db` gives each user a database of its own on it."""
+    from bench.postgres_server import INSTALL_HINT, TempPostgres, binaries
+
+    if binaries() is None:
+        pytest.skip(INSTALL_HINT)
+    server = TempPostgres()
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_db(postgres, request) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres.new_database(request.node.name)
