@@ -171,6 +171,17 @@ def markdown(result: dict) -> str:
         f"{', '.join(f'{r:.2f}' for r in b['ratio_per_round'])}.\n")
 
 
+def summarise_into(path: Path, result: dict, full: Path) -> None:
+    """Record this run's headline figures, with its command, under `postgres` in the serving results file."""
+    if not path.exists():
+        return
+    serving = json.loads(path.read_text())
+    serving["postgres"] = {key: result[key] for key in ("command", "created", "single_c8_postgres_vs_sqlite",
+                                                          "bulk_postgres_vs_sqlite", "targets")}
+    serving["postgres"]["results"] = str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(full)
+    path.write_text(json.dumps(serving, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from serving.config import cpu_count
 
@@ -186,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads in all (default: all cores)")
     p.add_argument("--workers", type=int, default=None, help="workers of each service (default: one per core)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving-postgres.json")
+    p.add_argument("--summary-into", type=lambda v: Path(v) if v else None,
+                   default=ROOT / "bench" / "results" / "serving.json",
+                   help="also record the two ratios and this command in the serving benchmark's results file (its "
+                        "other fields are kept); '' to skip")
     args = p.parse_args(argv)
     args.threads = args.threads or cpu_count()
     args.workers = args.workers or cpu_count()
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))
+    if args.summary_into:
+        summarise_into(args.summary_into, result, args.out)
     print(args.out.with_suffix(".md").read_text())
     return 0
 
