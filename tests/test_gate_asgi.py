@@ -222,8 +222,12 @@ def test_an_answer_is_billed_before_it_is_sent(app, digits_x):
 
         task = asyncio.ensure_future(asgi(scope, receive, send))
         await asyncio.wait_for(stalled.wait(), 30)
-        await asyncio.sleep(1.5)  # the background thread commits pending settles every half second
-        latest = json.loads(keys_cli(db, "ledger", "valid", "--json", "--limit", "1"))[0]
+        for _ in range(40):  # the background thread commits pending settles every half second
+            await asyncio.sleep(0.5)
+            latest = json.loads(keys_cli(db, "ledger", "valid", "--json", "--limit", "1"))[0]
+            if latest["state"] != "reserved":
+                break
+        assert not task.done(), "the send was meant to stay stalled"
         task.cancel()
         return latest
 
