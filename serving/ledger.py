@@ -26,7 +26,7 @@ from pathlib import Path
 
 from serving.ledger_rules import (  # noqa: F401  (re-exported: callers import them from here)
     BATCH_COLUMNS, CLI_WAIT, KEY_PREFIX, KEY_STATE_COLUMNS, REQUEST_TIMEOUT, RESERVATION_TTL, Decision, LedgerBusy, LedgerUnavailable,
-    LIST_COLUMNS, assess, hash_key, new_key)
+    LIST_COLUMNS, SettleQueue, assess, hash_key, new_key)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -67,7 +67,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class Ledger:
+class Ledger(SettleQueue):
     """The keys database. `serving=True` (the guard in each worker) moves WAL checkpoints off the request path."""
 
     def __init__(self, path: str | Path, serving: bool = False, create: bool | None = None):
@@ -334,18 +334,6 @@ class Ledger:
 
         return self._tx(run, wait)
 
-    def settle(self, decision: Decision) -> None:
-        """The answer of a reserved batch is handed to the client: marked served in this worker's next transaction
-        (or by its background thread within half a second)."""
-        self._settled.append(decision.batch_id)
-
-    def pending_settles(self) -> int:
-        return len(self._settled)
-
-    def flush(self, wait: float = CLI_WAIT) -> None:
-        """Commit the pending settles now (a worker with no next request, or about to exit)."""
-        if self._settled:
-            self._tx(lambda conn: None, wait)
 
     def refund(self, decision: Decision, wait: float = CLI_WAIT) -> None:
         """Undo a reservation whose answer was not handed to the client (refused by the model, client gone). Only a

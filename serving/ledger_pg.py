@@ -27,7 +27,7 @@ from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serving.ledger_rules import (BATCH_COLUMNS, CLI_WAIT, KEY_STATE_COLUMNS, LIST_COLUMNS, RESERVATION_TTL, Decision,
-                                  LedgerBusy, LedgerUnavailable, assess, hash_key, new_key, redact)
+                                  LedgerBusy, LedgerUnavailable, SettleQueue, assess, hash_key, new_key, redact)
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS keys (
@@ -83,7 +83,7 @@ class _Lost(Exception):
     """A connection that died before its transaction committed: safe to run the transaction again."""
 
 
-class PgLedger:
+class PgLedger(SettleQueue):
     """The keys database on a PostgreSQL server. `serving=True` (the guard in each worker) uses a connection pool;
     the CLI one connection. `create` makes the tables when they are missing (the CLI's init and add)."""
 
@@ -338,17 +338,6 @@ class PgLedger:
 
         return self._tx(run, wait)
 
-    def settle(self, decision: Decision) -> None:
-        """The answer of a reserved batch was delivered: marked served in this worker's next transaction."""
-        self._settled.append(decision.batch_id)
-
-    def pending_settles(self) -> int:
-        return len(self._settled)
-
-    def flush(self, wait: float = CLI_WAIT) -> None:
-        """Commit the pending settles now (a worker with no next request, or about to exit)."""
-        if self._settled:
-            self._tx(lambda conn: None, wait)
 
     def refund(self, decision: Decision, wait: float = CLI_WAIT) -> None:
         """Undo a reservation whose answer was not delivered. Only a batch still reserved is refunded, so a refund

@@ -3,6 +3,8 @@ rate assessment of a key's row, the errors the guard answers with 503, and the t
 (serving/ledger.py) and the PostgreSQL one (serving/ledger_pg.py) import these; neither has its own copy."""
 from __future__ import annotations
 
+
+
 import hashlib
 import math
 import secrets
@@ -72,6 +74,26 @@ def assess(row, rows: int, now: float) -> tuple[Decision | None, float | None]:
         return Decision(False, 429, "over_rate", f"rate limit of {rate:g} rows per minute reached; retry in "
                         f"{wait} s", retry_after=max(1, wait)), None
     return None, tokens - rows
+
+
+class SettleQueue:
+    """Delivered batches not yet marked served, in either ledger: they are committed with the ledger's next
+    transaction (`_tx` drains `_settled`), so a successful request costs one write."""
+
+    _settled: "deque[int]"  # made by each ledger's __init__
+
+    def settle(self, decision: Decision) -> None:
+        """The answer of a reserved batch is handed to the client: marked served in this worker's next transaction
+        (or by its background thread within half a second)."""
+        self._settled.append(decision.batch_id)
+
+    def pending_settles(self) -> int:
+        return len(self._settled)
+
+    def flush(self, wait: float = CLI_WAIT) -> None:
+        """Commit the pending settles now (a worker with no next request, or about to exit)."""
+        if self._settled:
+            self._tx(lambda conn: None, wait)
 
 
 def is_url(target) -> bool:
