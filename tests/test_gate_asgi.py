@@ -77,12 +77,17 @@ class Lifespan:
         await asyncio.wait_for(self.task, 30)
 
 
+def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> dict:
+    """An HTTP scope as uvicorn hands it to the app: `path` decoded, `raw_path` as sent."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": quote(path, safe="/;?#").encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"test"), (b"content-length", str(len(body)).encode()), *headers],
+            "client": ("127.0.0.1", 1234), "server": ("test", 80), "state": {}}
+
+
 async def call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
-    """One HTTP request as uvicorn hands it to the app: `path` decoded, `raw_path` as sent."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": quote(path, safe="/;?#").encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"test"), (b"content-length", str(len(body)).encode()), *headers],
-             "client": ("127.0.0.1", 1234), "server": ("test", 80), "state": {}}
+    """One HTTP request to the app; (status, body)."""
+    scope = http_scope(method, path, headers, body)
     sent = False
     out = {"status": None, "body": b""}
 
@@ -202,10 +207,7 @@ def test_an_answer_is_billed_before_it_is_sent(app, digits_x):
 
     async def run():
         scope_headers = [(b"content-type", ctype), (b"authorization", f"Bearer {keys['valid']}".encode())]
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict_npy", "raw_path": b"/predict_npy", "query_string": b"",
-                 "root_path": "", "headers": [(b"host", b"t"), (b"content-length", str(len(body)).encode()),
-                                              *scope_headers], "client": ("127.0.0.1", 1), "server": ("t", 80)}
+        scope = http_scope("POST", "/predict_npy", scope_headers, body)
         sent = False
 
         async def receive():
