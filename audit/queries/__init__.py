@@ -39,7 +39,7 @@ def parse_queries(selection: str) -> list[str]:
 
 
 def train_rows(rows: int, val_fraction: float) -> int:
-    """Rows outside the validation slice (as `audit.runner.validation_split` cuts them)."""
+    """Rows outside the validation slice (as `audit.querying.validation_split` cuts them)."""
     return rows - int(round(val_fraction * rows))
 
 

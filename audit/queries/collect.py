@@ -1,5 +1,5 @@
 """The synthetic half of an audit's queries: after the rows are answered, run each chosen strategy through its
-store and hand the students their tensors (`audit.runner` calls `collect_queries`)."""
+store and hand the students their tensors (`audit.querying` calls `collect_queries`)."""
 from __future__ import annotations
 
 from pathlib import Path
