@@ -25,6 +25,7 @@ from torch import Tensor
 
 from audit.attacks import AttackContext, Variant
 from audit.queries.students import training_tensors
+from protect.atomic import replace_with
 
 STUDENT_WEIGHTS_DIR = "students"
 
@@ -54,9 +55,7 @@ class StudentData:
     queries: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # per query strategy (audit.queries.students)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(asdict(self), tmp)
-        os.replace(tmp, path)
+        replace_with(path, lambda tmp: torch.save(asdict(self), tmp))
 
     @classmethod
     def load(cls, path: Path) -> StudentData:
@@ -139,9 +138,8 @@ def train_student(data: StudentData, task: StudentTask, progress: bool = False) 
     if task.weights:
         path = Path(task.weights)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        replace_with(path, lambda tmp: torch.save(state, tmp))
     return record
 
 
