@@ -6,6 +6,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from typing_extensions import Annotated
 
+from protect.card import Normalization  # the card's own class (torch-free, packed by bentofile.yaml)
+
 NESTED_PIXELS = {
     "type": "array", "minItems": 1,
     "description": "Raw pixels in [0, 1], shape (N, C, H, W); C, H, W as /metadata `input_shape`. "
@@ -54,11 +56,6 @@ class ImageResponse(BaseModel):
     policy: PolicyInfo
     top: list[ClassScore] = Field(description="most probable classes first; at most the policy's k under topk, "
                                   "the label only (prob null) under label")
-
-
-class Normalization(BaseModel):
-    mean: list[float]
-    std: list[float]
 
 
 class MetadataResponse(BaseModel):
