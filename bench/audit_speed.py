@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.protection import provenance
+from protect.host import cpu_count
 
 
 def student_data(dataset: str, rows: int, student: str):
@@ -98,7 +99,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
     started = time.time()
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_count()
     data = student_data(args.dataset, args.rows, args.student)
     ray_part = ray_vs_jobs(data, args, cores, started)
     if args.ray_only:

@@ -139,7 +139,8 @@ def summary(lat: list[list[float]], rps: list[float]) -> dict:
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict:
     from protect.card import ONNX, verify_model_dir
-    from serving.runtime import make_session, to_npy
+    from protect.host import onnx_session
+    from serving.runtime import to_npy
 
     card = verify_model_dir(args.model_dir)
     try:
@@ -153,7 +154,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     bodies = [to_npy(x[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches_per_round)]
     single = json.dumps({"inputs": x[:1].tolist()}).encode()
 
-    session = make_session(args.model_dir / ONNX, args.threads)
+    session = onnx_session(args.model_dir / ONNX, args.threads)
     env = {"UNDISTILLABLE_MODEL_DIR": str(args.model_dir.resolve()), "UNDISTILLABLE_WORKERS": str(args.workers),
            "UNDISTILLABLE_ORT_THREADS": str(max(1, args.threads // args.workers)),
            "UNDISTILLABLE_KEYS_DB": str(tmp / "keys.sqlite")}
@@ -250,7 +251,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import cpu_count
+    from protect.host import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "default")

@@ -183,7 +183,7 @@ def summarise_into(path: Path, result: dict, full: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import cpu_count
+    from protect.host import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "default")
