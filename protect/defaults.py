@@ -23,5 +23,6 @@ EVAL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 CARD_TEMPERATURES = (1.0, 4.0, 16.0)
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as is, exit status 2."""
+class UsageError(ValueError):
+    """Bad input from the user (flags, paths, combinations): printed as is, exit status 2. `protect` and `audit`
+    both raise this one class."""
