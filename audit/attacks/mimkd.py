@@ -25,8 +25,6 @@ def jsd_mi_loss(scores: Tensor) -> Tensor:
 
 
 class MIMKD(Attack):
-    needs_features = True
-
     def __init__(self, num_classes: int, feature_dims: dict[str, int], weight: float = 1.0, embed: int = 64,
                  hidden: int = 128, ce_weight: float = 1.0):
         super().__init__(weight=weight, embed=embed, hidden=hidden, ce_weight=ce_weight)
