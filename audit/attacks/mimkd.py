@@ -1,4 +1,4 @@
-"""`mimkd`: Mutual Information Maximisation KD (Shrivastava et al., 2021; seed 001), output-only form.
+"""`mimkd`: Mutual Information Maximisation KD (Shrivastava et al., 2021), output-only form.
 
 A critic T(s, t) scores (student feature, teacher output) pairs; the Jensen–Shannon MI bound
 Î_JSD = E_pos[−softplus(−T(s_i, t_i))] − E_neg[softplus(T(s_i, t_j))], with the batch's other rows as

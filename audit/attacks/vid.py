@@ -1,4 +1,4 @@
-"""`vid`: Variational Information Distillation (Ahn et al., CVPR 2019; seed 002).
+"""`vid`: Variational Information Distillation (Ahn et al., CVPR 2019).
 
 Maximise a variational lower bound on I(t; s): with a Gaussian q(t | s) of mean μ(s) (an MLP of the
 student's penultimate feature) and a learned per-dimension variance σ_d² (homoscedastic, softplus-
