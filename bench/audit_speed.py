@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from bench.protection import provenance
-from protect.host import cpu_count
 
 
 def student_data(dataset: str, rows: int, student: str):
@@ -80,6 +79,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     from audit.students import default_threads, run_students
+    from protect.host import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
