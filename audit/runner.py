@@ -27,9 +27,9 @@ from audit.ray_jobs import RayOptions
 from audit.recover import DEFAULT_FLOOR, recover_logp
 from audit.stats import decide, paired_delta, summarise
 from audit.students import StudentData, default_jobs, run_students, test_accuracy_from_weights
-from protect.defaults import EVAL_TEMPERATURES as CMI_TEMPERATURES
 
 STUDENTS = "students.jsonl"
+CMI_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 SEED_ROUNDS = (3, 5, 8, 12)  # --seeds auto: the looks, capped by --max-seeds
 
 # The converged student recipe (docs/audit.md, "Converged students"): one-cycle schedule over STUDENT_EPOCHS and
