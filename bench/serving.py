@@ -211,6 +211,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
+def machine(load_average_before) -> dict:
+    """The machine a serving benchmark ran on and how busy it was (it is shared), for the results file."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_before": load_average_before, "load_average_at_end": os.getloadavg()}
+
+
 def markdown(result: dict) -> str:
     def splits(name: str) -> str:
         return ", ".join("+".join(map(str, r)) for r in result["single_image"]["c8"]["connections_per_worker"][name])
@@ -283,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "single_c8_vs_bentoml": m.pop("single_c8_vs_bentoml"),
         "single_c8_vs_bare": m.pop("single_c8_vs_bare"),
         "single_c8_p99_over_p50": m.pop("single_c8_p99_over_p50"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": m.pop("load_average_before"), "load_average_at_end": os.getloadavg()},
+        "machine": machine(m.pop("load_average_before")),
         "model": {"dir": str(args.model_dir), "dataset": card.dataset, "arch": card.arch, "mode": card.mode,
                   "sha256": card.onnx_sha256, "input_shape": card.input_shape},
         "server": {"workers": args.workers, "ort_threads": max(1, args.threads // args.workers),
