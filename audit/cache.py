@@ -17,10 +17,11 @@ unanswered.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from protect.atomic import write_json_atomic
 
 CACHE_DIR = "cache"
 FINGERPRINT = "fingerprint.json"
@@ -41,12 +42,6 @@ class UnidentifiedModelError(CacheMismatchError):
 FIELD_MEANING = {"model_sha256": "the oracle serves another model", "output_policy": "the oracle reveals its "
                  "answers under another output policy", "dataset": "another --dataset", "input_shape": "another "
                  "input shape", "rows": "another transfer-set size (--budget)", "num_classes": "another class count"}
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class AnswerCache:
@@ -89,7 +84,7 @@ class AnswerCache:
             self.have = np.lib.format.open_memmap(self.dir / HAVE, mode="w+", dtype=np.bool_, shape=(self.rows,))
             self.answers.flush()
             self.have.flush()
-            _write_json_atomic(fp_path, self.fingerprint)  # last: a cache without it is rebuilt from scratch
+            write_json_atomic(fp_path, self.fingerprint)  # last: a cache without it is rebuilt from scratch
         counters = self.dir / COUNTERS
         self.counters = json.loads(counters.read_text()) if counters.exists() else {"rows_sent": 0, "requests": 0,
                                                                                        "sessions": 0}
@@ -98,7 +93,7 @@ class AnswerCache:
         self._save_counters()
 
     def _save_counters(self) -> None:
-        _write_json_atomic(self.dir / COUNTERS, self.counters)
+        write_json_atomic(self.dir / COUNTERS, self.counters)
 
     def missing(self) -> np.ndarray:
         """Indices of rows without an answer, ascending."""

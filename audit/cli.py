@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from protect.defaults import UsageError
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -141,10 +143,6 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
     if not values or any(not 0 <= v < 1 for v in values):
         raise UsageError(f"{flag}: values must lie in [0, 1), got {text!r}")
     return values
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _redacted_command(argv: list[str]) -> str:

@@ -23,6 +23,7 @@ from audit.answers import check_answers, parse_policy
 from audit.errors import (OracleAnswerError, OracleAuthError, OracleError, OracleMismatchError,  # noqa: F401
                           OracleUnavailableError)
 from audit.npy_answer import decode_answer, max_answer_bytes
+from serving.policy import reveal
 
 METADATA_LIMIT = 4 << 20  # /metadata is a few hundred bytes (a class list of thousands of names fits too)
 ERROR_LIMIT = 64 << 10  # an error body is read this far for its message, no further
@@ -76,22 +77,12 @@ def check_compatible(info: OracleInfo, dataset: str, num_classes: int, input_sha
 
 
 def apply_policy(probs: np.ndarray, policy: dict) -> np.ndarray:
-    """What a server with this output policy returns for these probabilities (docs/interfaces.md)."""
-    out = np.asarray(probs, dtype=np.float32).copy()
+    """What a server with this output policy (a /metadata `output_policy` dict) returns for these probabilities:
+    the service's own `serving.policy.reveal`, so that the simulation cannot drift from the server."""
     kind = policy.get("kind", "probs")
-    if kind == "label":
-        one_hot = np.zeros_like(out)
-        one_hot[np.arange(len(out)), out.argmax(1)] = 1.0
-        return one_hot
-    if kind == "topk":
-        k = int(policy.get("k") or 1)
-        drop = np.argsort(-out, axis=1, kind="stable")[:, k:]
-        np.put_along_axis(out, drop, 0.0, axis=1)
-    elif kind != "probs":
-        raise ValueError(f"unknown output policy {kind!r}")
-    if policy.get("decimals") is not None:
-        out = np.round(out, int(policy["decimals"])).astype(np.float32)
-    return out
+    k = int(policy.get("k") or 1) if kind == "topk" else None
+    decimals = None if policy.get("decimals") is None else int(policy["decimals"])
+    return reveal(probs, kind, k, decimals)
 
 
 class OnnxOracle:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from protect.atomic import write_atomic
+
 INSTALL_HINT = "pip install '.[ray]'"
 
 
@@ -127,9 +129,7 @@ def train_student_task(data, task, threads: int, starts) -> tuple[dict, bytes | 
 def _store_weights(path: str, blob: bytes) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, target)
+    write_atomic(target, blob)
 
 
 def run_ray(pending: deque, data, finished: Callable[[dict], None], options: RayOptions, threads: int | None,

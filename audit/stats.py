@@ -72,8 +72,8 @@ class FamilyTest:
 
 
 @dataclass
-class Decision:
-    """The outcome and everything it rests on. `decision["outcome"]` works as well as `decision.outcome`."""
+class Verdict:
+    """The audit's verdict and everything it rests on. `verdict["outcome"]` works as well as `verdict.outcome`."""
 
     outcome: str
     alpha: float
@@ -127,7 +127,7 @@ def _seeds_needed(mean: float, std: float | None, n: int, test: str, alpha: floa
     return lo
 
 
-def decide(deltas: Mapping[str, Sequence[float]], margin: float = 0.3, alpha: float = 0.05) -> Decision:
+def decide(deltas: Mapping[str, Sequence[float]], margin: float = 0.3, alpha: float = 0.05) -> Verdict:
     """The three-outcome verdict of docs/design.md §3 from each attack family's paired per-seed Δ (points).
 
     One seed gives no spread, so no test: every family is untested and the outcome is inconclusive. A family
@@ -140,7 +140,7 @@ def decide(deltas: Mapping[str, Sequence[float]], margin: float = 0.3, alpha: fl
         raise ValueError(f"margin must be ≥ 0 points, got {margin}")
     clean = {name: [float(v) for v in values] for name, values in deltas.items()}
     if not clean:
-        return Decision(INCONCLUSIVE, alpha, margin, 0, reason="no attack family produced a result")
+        return Verdict(INCONCLUSIVE, alpha, margin, 0, reason="no attack family produced a result")
     k = len(clean)
     partial: dict[str, dict] = {}
     for name, xs in clean.items():
@@ -178,14 +178,14 @@ def decide(deltas: Mapping[str, Sequence[float]], margin: float = 0.3, alpha: fl
     winners = [n for n, f in families.items() if f.distillable]
     if winners:
         best = min(winners, key=lambda n: families[n].p_holm)
-        return Decision(DISTILLABLE, alpha, margin, seeds, families, strongest,
+        return Verdict(DISTILLABLE, alpha, margin, seeds, families, strongest,
                         reason=f"{best} beats the LS student (Holm-adjusted one-sided p = {families[best].p_holm:.3g} "
                                f"< α = {alpha:g})")
     if all(f.within_margin for f in families.values()):
-        return Decision(UNDISTILLABLE, alpha, margin, seeds, families, strongest,
+        return Verdict(UNDISTILLABLE, alpha, margin, seeds, families, strongest,
                         reason=f"every family's one-sided {100 * (1 - alpha):g}% upper bound is ≤ +{margin:g} points")
     if seeds < 2:
-        return Decision(INCONCLUSIVE, alpha, margin, seeds, families, strongest,
+        return Verdict(INCONCLUSIVE, alpha, margin, seeds, families, strongest,
                         reason="one seed gives no spread to test with; run at least 3 paired seeds")
     open_ = [n for n, f in families.items() if not f.within_margin]
     # Decided either when one family is rejected, or when every open family is bounded.
@@ -197,6 +197,6 @@ def decide(deltas: Mapping[str, Sequence[float]], margin: float = 0.3, alpha: fl
     untested = [n for n in open_ if families[n].upper is None]
     worst = untested[0] if untested else max(open_, key=lambda n: families[n].upper)
     bound = "no bound: one seed" if untested else f"upper bound {families[worst].upper:+.2f}"
-    return Decision(INCONCLUSIVE, alpha, margin, seeds, families, strongest, seeds_to_decide=overall,
+    return Verdict(INCONCLUSIVE, alpha, margin, seeds, families, strongest, seeds_to_decide=overall,
                     reason=f"no family is significantly above 0, but {len(open_)} of {k} (worst: {worst}, {bound}) "
                            f"cannot be bounded by +{margin:g} points")

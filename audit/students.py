@@ -25,6 +25,8 @@ from torch import Tensor
 
 from audit.attacks import AttackContext, Variant
 from audit.queries.students import training_tensors
+from protect.atomic import replace_with
+from protect.host import cpu_count
 
 STUDENT_WEIGHTS_DIR = "students"
 
@@ -54,9 +56,7 @@ class StudentData:
     queries: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # per query strategy (audit.queries.students)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(asdict(self), tmp)
-        os.replace(tmp, path)
+        replace_with(path, lambda tmp: torch.save(asdict(self), tmp))
 
     @classmethod
     def load(cls, path: Path) -> StudentData:
@@ -139,9 +139,8 @@ def train_student(data: StudentData, task: StudentTask, progress: bool = False) 
     if task.weights:
         path = Path(task.weights)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        replace_with(path, lambda tmp: torch.save(state, tmp))
     return record
 
 
@@ -158,18 +157,11 @@ def test_accuracy_from_weights(data: StudentData, task: StudentTask) -> float:
     return accuracy(model, test, device)
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def default_jobs(device: str = "auto") -> int:
     """One job per core on a CPU, capped so that every worker has ~1.5 GB of memory; one job on a GPU."""
     if _device_of({"device": device}).type == "cuda":
         return 1
-    jobs = _cores()
+    jobs = cpu_count()
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         jobs = min(jobs, max(1, int(available // 1.5e9)))
@@ -181,7 +173,7 @@ def default_jobs(device: str = "auto") -> int:
 def default_threads(jobs: int) -> int:
     """cores ÷ jobs, or fewer where OMP_NUM_THREADS asks: more threads than free cores makes every parallel
     region wait for a descheduled thread (measured here: 50× slower steps with one core taken by another job)."""
-    threads = max(1, _cores() // max(1, jobs))
+    threads = max(1, cpu_count() // max(1, jobs))
     try:
         threads = min(threads, int(os.environ.get("OMP_NUM_THREADS", "")))
     except ValueError:

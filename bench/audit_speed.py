@@ -1,8 +1,8 @@
-"""How fast the audit trains students (issue 9), side by side in one run on the same model, data, batch size and
+"""How fast the audit trains students, side by side in one run on the same model, data, batch size and
 threads: (a) a bare 20-line PyTorch loop over in-memory tensors (and (a') the same on one thread, to show how far
 one student already uses the cores), (b) the audit's student path
 (`audit.students.run_students`: protect's `fit`, a validation pass per epoch, the test split once) with one job,
-(c) the same with two jobs (worker processes, cores ÷ 2 threads each), and (d) the Ray path (`--ray`, issue 26)
+(c) the same with two jobs (worker processes, cores ÷ 2 threads each), and (d) the Ray path (`--ray`)
 against (c) over an audit-sized round of students (`--ray-students`, default 16) with the same total threads:
 one-CPU, one-thread Ray tasks on a local cluster of `cores` CPUs, the cluster's start-up timed apart
 (`ray_startup_seconds`). Rounds are interleaved (jobs, Ray, jobs, Ray, ...) and medians reported: the machine is
@@ -79,6 +79,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     from audit.students import default_threads, run_students
+    from protect.host import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
@@ -98,7 +99,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
     started = time.time()
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_count()
     data = student_data(args.dataset, args.rows, args.student)
     ray_part = ray_vs_jobs(data, args, cores, started)
     if args.ray_only:

@@ -139,7 +139,8 @@ def summary(lat: list[list[float]], rps: list[float]) -> dict:
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict:
     from protect.card import ONNX, verify_model_dir
-    from serving.runtime import make_session, to_npy
+    from protect.host import onnx_session
+    from serving.runtime import to_npy
 
     card = verify_model_dir(args.model_dir)
     try:
@@ -153,7 +154,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     bodies = [to_npy(x[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches_per_round)]
     single = json.dumps({"inputs": x[:1].tolist()}).encode()
 
-    session = make_session(args.model_dir / ONNX, args.threads)
+    session = onnx_session(args.model_dir / ONNX, args.threads)
     env = {"UNDISTILLABLE_MODEL_DIR": str(args.model_dir.resolve()), "UNDISTILLABLE_WORKERS": str(args.workers),
            "UNDISTILLABLE_ORT_THREADS": str(max(1, args.threads // args.workers)),
            "UNDISTILLABLE_KEYS_DB": str(tmp / "keys.sqlite")}
@@ -210,6 +211,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
+def machine(load_average_before) -> dict:
+    """The machine a serving benchmark ran on and how busy it was (it is shared), for the results file."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_before": load_average_before, "load_average_at_end": os.getloadavg()}
+
+
 def markdown(result: dict) -> str:
     def splits(name: str) -> str:
         return ", ".join("+".join(map(str, r)) for r in result["single_image"]["c8"]["connections_per_worker"][name])
@@ -250,7 +257,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import cpu_count
+    from protect.host import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "default")
@@ -282,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "single_c8_vs_bentoml": m.pop("single_c8_vs_bentoml"),
         "single_c8_vs_bare": m.pop("single_c8_vs_bare"),
         "single_c8_p99_over_p50": m.pop("single_c8_p99_over_p50"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": m.pop("load_average_before"), "load_average_at_end": os.getloadavg()},
+        "machine": machine(m.pop("load_average_before")),
         "model": {"dir": str(args.model_dir), "dataset": card.dataset, "arch": card.arch, "mode": card.mode,
                   "sha256": card.onnx_sha256, "input_shape": card.input_shape},
         "server": {"workers": args.workers, "ort_threads": max(1, args.threads // args.workers),

@@ -18,7 +18,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving import http_rows_per_s, make_key, single_image, summary
+from bench.serving import http_rows_per_s, machine, make_key, single_image, summary
 from serving.launcher import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +182,7 @@ def summarise_into(path: Path, result: dict, full: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import cpu_count
+    from protect.host import cpu_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "default")
@@ -228,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "single_c8_postgres_vs_sqlite": m.pop("single_c8_postgres_vs_sqlite"),
         "bulk_postgres_vs_sqlite": m.pop("bulk_postgres_vs_sqlite"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": m.pop("load_average_before"), "load_average_at_end": os.getloadavg()},
+        "machine": machine(m.pop("load_average_before")),
         "model": {"dir": str(args.model_dir), "dataset": card.dataset, "arch": card.arch, "mode": card.mode,
                   "sha256": card.onnx_sha256},
         "server": {"workers": args.workers, "ort_threads": max(1, args.threads // args.workers),

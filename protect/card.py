@@ -18,6 +18,8 @@ class ModelDirError(RuntimeError):
 
 
 class Normalization(BaseModel):
+    """Per-channel mean and std applied to raw [0, 1] pixels; the card's field and /metadata's."""
+
     mean: list[float]
     std: list[float]
 

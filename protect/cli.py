@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from protect.defaults import DATASET_DEFAULTS, UsageError  # noqa: F401  (re-exported: `from protect.cli import ...`)
+from protect.defaults import DATASET_DEFAULTS, EVAL_TEMPERATURES, UsageError  # noqa: F401  (re-exported: `from protect.cli import ...`)
 from protect.registry import UnknownNameError
 
 EXIT_USAGE = 2
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", type=Path, help="a run directory or an exported model directory")
     e.add_argument("--dataset", help="dataset to evaluate on (default: the one the model was trained on)")
     e.add_argument("--data-dir")
-    e.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    e.add_argument("--temperatures", type=_floats, default=list(EVAL_TEMPERATURES))
     e.add_argument("--json", action="store_true", help="machine-readable output")
 
     x = sub.add_parser("export", help="export a run to model.onnx + model.json (checks ONNX/torch parity)")

@@ -1,4 +1,5 @@
-"""What both the CLI and the training assembly need: per-dataset defaults and the usage error.
+"""What both the CLI and the training assembly need: per-dataset defaults, the evaluation temperatures and the
+usage error.
 
 A module of its own so that protect/cli.py and protect/teacher.py import it instead of each other.
 """
@@ -16,6 +17,12 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "imagefolder": {"arch": "cnn-small", "epochs": 30, "lr": 0.05, "batch_size": 64},
 }
 
+# The temperatures at which `protect eval`, training's final report and the audit's report measure CMI.
+EVAL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+# The shorter spectrum a model card (model.json) records at export.
+CARD_TEMPERATURES = (1.0, 4.0, 16.0)
 
-class UsageError(Exception):
-    """Bad input from the user: printed as is, exit status 2."""
+
+class UsageError(ValueError):
+    """Bad input from the user (flags, paths, combinations): printed as is, exit status 2. `protect` and `audit`
+    both raise this one class."""

@@ -12,6 +12,7 @@ import torch
 
 from protect.card import CARD, ONNX, sha256_file
 from protect.data import load_dataset
+from protect.defaults import CARD_TEMPERATURES
 from protect.metrics import classifier_report
 from protect.predict import OnnxPredictor, TorchPredictor, card_from_config
 from protect.runs import versions
@@ -77,7 +78,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | None
                               f"{len(sample)} test rows; nothing was written to {out_dir}")
 
         logits = torch.from_numpy(onnx_pred.logits(raw_test))
-        report = classifier_report(logits, splits.test_y, config["num_classes"], temperatures=(1, 4, 16))
+        report = classifier_report(logits, splits.test_y, config["num_classes"], temperatures=CARD_TEMPERATURES)
         card.test_accuracy = report["accuracy"]
         card.cmi = report["cmi"]
         card.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protect.cmi import cmi_spectrum, normalised_cmi, separation
+from protect.defaults import EVAL_TEMPERATURES
 
-DEFAULT_EVAL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 # The one range every temperature fit searches (calibrated-kd, CMIM's calibrated term, the benchmarks): CMIM
 # teachers measured NLL-optimal τ of 0.14–0.20, below the former lower bound 0.25.
 TAU_BOUNDS = (0.02, 50.0)
@@ -63,7 +63,7 @@ def at_tau_bound(tau: float, bounds: tuple[float, float] = TAU_BOUNDS, rel: floa
 
 
 def classifier_report(logits: Tensor, labels: Tensor, num_classes: int,
-                      temperatures: Sequence[float] = DEFAULT_EVAL_TEMPERATURES) -> dict:
+                      temperatures: Sequence[float] = EVAL_TEMPERATURES) -> dict:
     """accuracy, CMI per temperature, separation Γ and NCMI at T=1, ECE."""
     logits = logits.double()  # double keeps torch and ONNX runs equal to float tolerance
     return {

@@ -160,7 +160,3 @@ def create_model(name: str, num_classes: int, in_channels: int, image_size: int,
         model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
         return model if hasattr(model, "forward_features") else _HookedFeatures(model)
     return ARCHS.get(name)(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -8,25 +8,8 @@ import numpy as np
 import torch
 
 from protect.card import ONNX, ModelCard, Normalization, normalise, verify_model_dir
+from protect.host import onnx_session
 from protect.runs import load_run_model
-
-
-def gpu_present() -> bool:
-    return torch.cuda.is_available()
-
-
-def onnx_session(path: str | Path, intra_threads: int | None = None):
-    """An ONNX Runtime session: the CUDA provider only when a GPU is really there, else the CPU one."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if intra_threads:
-        options.intra_op_num_threads = intra_threads
-        options.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 class Predictor:

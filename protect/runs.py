@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from protect.atomic import write_json_atomic
 from protect.models import create_model
 from protect.trainer import CHECKPOINT, WEIGHTS, CheckpointError, load_checkpoint
 
@@ -35,9 +36,7 @@ def versions() -> dict[str, str]:
 
 def write_config(run_dir: Path, config: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp.replace(run_dir / CONFIG)
+    write_json_atomic(run_dir / CONFIG, config)
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -9,8 +9,7 @@ import torch
 
 from protect.cmi import CMIM_DEFAULT_LAMBDA, cmi_spectrum
 from protect.data import TensorLoader, load_dataset, make_loader, train_and_test_sets
-from protect.defaults import DATASET_DEFAULTS, UsageError
-from protect.metrics import DEFAULT_EVAL_TEMPERATURES
+from protect.defaults import DATASET_DEFAULTS, EVAL_TEMPERATURES, UsageError
 from protect.models import create_model
 from protect.objectives import OBJECTIVES
 from protect.runs import CONFIG, build_model, load_run_model, read_config, versions, write_config
@@ -128,7 +127,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict | None:
         test_loader = make_loader(test_set, 1024, shuffle=False)
 
     def epoch_metrics(_model, logits, labels) -> dict:
-        cmi = cmi_spectrum(logits, labels, DEFAULT_EVAL_TEMPERATURES, splits.num_classes)
+        cmi = cmi_spectrum(logits, labels, EVAL_TEMPERATURES, splits.num_classes)
         return {"test_cmi": {f"{t:g}": v for t, v in cmi.items()}}
 
     result = fit(model, objective, train_loader, test_loader, train_cfg, out, resume=args.resume,

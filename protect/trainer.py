@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from protect.atomic import replace_with
 from protect.objectives.base import Objective
 
 CHECKPOINT = "checkpoint.pt"
@@ -149,9 +150,7 @@ def predict_logits(model: nn.Module, loader: Iterable[dict], device: torch.devic
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 @torch.no_grad()

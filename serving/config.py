@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protect.host import cpu_count
 from serving.ledger_rules import is_url
 
 PREFIX = "UNDISTILLABLE_"
@@ -44,13 +45,6 @@ def _bool(name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{PREFIX}{name}={raw!r}: use 1/0, true/false, yes/no or on/off")
-
-
-def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from serving.ledger_keys import KeyQueries
 from serving.ledger_rules import (  # noqa: F401  (re-exported: callers import them from here)
     BATCH_COLUMNS, CLI_WAIT, KEY_PREFIX, KEY_STATE_COLUMNS, REQUEST_TIMEOUT, RESERVATION_TTL, Decision, LedgerBusy, LedgerUnavailable,
     LIST_COLUMNS, SettleQueue, assess, hash_key, new_key)
@@ -67,8 +68,10 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class Ledger(SettleQueue):
+class Ledger(SettleQueue, KeyQueries):
     """The keys database. `serving=True` (the guard in each worker) moves WAL checkpoints off the request path."""
+
+    DUPLICATE = sqlite3.IntegrityError  # a second key of the same name (KeyQueries.add_key)
 
     def __init__(self, path: str | Path, serving: bool = False, create: bool | None = None):
         self.path = Path(path)
@@ -246,53 +249,7 @@ class Ledger(SettleQueue):
         with self._lock:
             self._close_locked()
 
-    # -- key management (the CLI)
-    def add_key(self, name: str, row_budget: int | None = None, rate: float | None = None,
-                key: str | None = None) -> str:
-        key = key or new_key()
-        now = time.time()
-
-        def run(conn):
-            conn.execute("INSERT INTO keys (name, key_hash, prefix, row_budget, rate_rows_per_min, tokens, tokens_ts,"
-                         " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (name, hash_key(key), key[:8], row_budget, rate, rate, now, now))
-        try:
-            self._tx(run)
-        except sqlite3.IntegrityError:
-            raise ValueError(f"a key named {name!r} already exists (names are unique, revoked ones included)") from None
-        return key
-
-    def find(self, name_or_prefix: str, active_only: bool = False) -> list[dict]:
-        """Keys whose name, or whose whole 8-character prefix, is `name_or_prefix`."""
-        sql = "SELECT id, name, prefix, revoked FROM keys WHERE (name=? OR prefix=?)"
-        sql += " AND revoked IS NULL" if active_only else ""
-        rows = self._read(lambda c: c.execute(sql + " ORDER BY id", (name_or_prefix, name_or_prefix)).fetchall())
-        return [dict(zip(["id", "name", "prefix", "revoked"], r)) for r in rows]
-
-    def revoke(self, key_id: int) -> bool:
-        return self._tx(lambda c: c.execute("UPDATE keys SET revoked=? WHERE id=? AND revoked IS NULL",
-                                            (time.time(), key_id)).rowcount) > 0
-
-    def list_keys(self) -> list[dict]:
-        cols = LIST_COLUMNS
-        rows = self._read(lambda c: c.execute(f"SELECT {', '.join(cols)} FROM keys ORDER BY id").fetchall())
-        return [dict(zip(cols, r)) for r in rows]
-
-    def batches(self, key_id: int | None = None, limit: int = 100) -> list[dict]:
-        """The latest batches of a key (None: those served while the service ran open)."""
-        def run(c):
-            if key_id is None:
-                return c.execute("SELECT b.id, NULL, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
-                                 "WHERE b.key_id IS NULL ORDER BY b.id DESC LIMIT ?", (limit,)).fetchall()
-            return c.execute("SELECT b.id, k.name, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
-                             "JOIN keys k ON k.id = b.key_id WHERE k.id=? ORDER BY b.id DESC LIMIT ?",
-                             (key_id, limit)).fetchall()
-        return [dict(zip(BATCH_COLUMNS, r)) for r in self._read(run)]
-
-    # -- the guard's questions
-    def active_keys(self) -> int:
-        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM keys WHERE revoked IS NULL").fetchone()[0])
-
+    # -- the guard's questions (the key CLI's are KeyQueries')
     def lookup(self, key: str, wait: float = CLI_WAIT) -> int | None:
         row = self._read(lambda c: c.execute("SELECT id FROM keys WHERE key_hash=? AND revoked IS NULL",
                                              (hash_key(key),)).fetchone(), wait)

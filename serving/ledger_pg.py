@@ -26,8 +26,9 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from serving.ledger_rules import (BATCH_COLUMNS, CLI_WAIT, KEY_STATE_COLUMNS, LIST_COLUMNS, RESERVATION_TTL, Decision,
-                                  LedgerBusy, LedgerUnavailable, SettleQueue, assess, hash_key, new_key, redact)
+from serving.ledger_keys import KeyQueries
+from serving.ledger_rules import (CLI_WAIT, KEY_STATE_COLUMNS, RESERVATION_TTL, Decision, LedgerBusy, LedgerUnavailable,
+                                  SettleQueue, assess, hash_key, redact)
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS keys (
@@ -83,9 +84,12 @@ class _Lost(Exception):
     """A connection that died before its transaction committed: safe to run the transaction again."""
 
 
-class PgLedger(SettleQueue):
+class PgLedger(SettleQueue, KeyQueries):
     """The keys database on a PostgreSQL server. `serving=True` (the guard in each worker) uses a connection pool;
     the CLI one connection. `create` makes the tables when they are missing (the CLI's init and add)."""
+
+    PLACEHOLDER = "%s"  # psycopg's, in KeyQueries' SQL
+    DUPLICATE = pgerrors.UniqueViolation
 
     def __init__(self, url: str, serving: bool = False, create: bool = False):
         self.url, self.where = url, redact(url)
@@ -240,50 +244,7 @@ class PgLedger(SettleQueue):
                 self._pool.close()
                 self._pool = None
 
-    # -- key management (the CLI)
-    def add_key(self, name: str, row_budget: int | None = None, rate: float | None = None,
-                key: str | None = None) -> str:
-        key = key or new_key()
-        now = time.time()
-        try:
-            self._tx(lambda c: c.execute(
-                "INSERT INTO keys (name, key_hash, prefix, row_budget, rate_rows_per_min, tokens, tokens_ts, created)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", (name, hash_key(key), key[:8], row_budget, rate, rate,
-                                                             now, now)))
-        except psycopg.errors.UniqueViolation:
-            raise ValueError(f"a key named {name!r} already exists (names are unique, revoked ones included)") from None
-        return key
-
-    def find(self, name_or_prefix: str, active_only: bool = False) -> list[dict]:
-        """Keys whose name, or whose whole 8-character prefix, is `name_or_prefix`."""
-        sql = "SELECT id, name, prefix, revoked FROM keys WHERE (name=%s OR prefix=%s)"
-        sql += " AND revoked IS NULL" if active_only else ""
-        rows = self._read(lambda c: c.execute(sql + " ORDER BY id", (name_or_prefix, name_or_prefix)).fetchall())
-        return [dict(zip(["id", "name", "prefix", "revoked"], r)) for r in rows]
-
-    def revoke(self, key_id: int) -> bool:
-        return self._tx(lambda c: c.execute("UPDATE keys SET revoked=%s WHERE id=%s AND revoked IS NULL",
-                                            (time.time(), key_id)).rowcount) > 0
-
-    def list_keys(self) -> list[dict]:
-        rows = self._read(lambda c: c.execute(f"SELECT {', '.join(LIST_COLUMNS)} FROM keys ORDER BY id").fetchall())
-        return [dict(zip(LIST_COLUMNS, r)) for r in rows]
-
-    def batches(self, key_id: int | None = None, limit: int = 100) -> list[dict]:
-        """The latest batches of a key (None: those served while the service ran open)."""
-        def run(c):
-            if key_id is None:
-                return c.execute("SELECT b.id, NULL, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
-                                 "WHERE b.key_id IS NULL ORDER BY b.id DESC LIMIT %s", (limit,)).fetchall()
-            return c.execute("SELECT b.id, k.name, b.ts, b.endpoint, b.rows, b.digest, b.state FROM batches b "
-                             "JOIN keys k ON k.id = b.key_id WHERE k.id=%s ORDER BY b.id DESC LIMIT %s",
-                             (key_id, limit)).fetchall()
-        return [dict(zip(BATCH_COLUMNS, r)) for r in self._read(run)]
-
-    # -- the guard's questions
-    def active_keys(self) -> int:
-        return self._read(lambda c: c.execute("SELECT COUNT(*) FROM keys WHERE revoked IS NULL").fetchone()[0])
-
+    # -- the guard's questions (the key CLI's are KeyQueries')
     def lookup(self, key: str, wait: float = CLI_WAIT) -> int | None:
         """The active key's id, or None. Its budget and rate state comes with it, kept for the `can_afford` of the
         same request (one round trip less; `reserve` rereads it under the row lock and decides for good)."""

@@ -11,24 +11,32 @@ def _order(probs: np.ndarray) -> np.ndarray:
     return np.argsort(-probs, axis=1, kind="stable")
 
 
-def apply_array(probs: np.ndarray, policy: OutputPolicy) -> np.ndarray:
-    """(N, C) float32 as /predict_npy answers it: probabilities; top-k with the rest 0; or one-hot labels.
-    Rounded to `decimals` when set (rounded rows need not sum exactly to 1)."""
+def reveal(probs: np.ndarray, kind: str, k: int | None = None, decimals: int | None = None) -> np.ndarray:
+    """(N, C) float32 as /predict_npy answers it: probabilities (`probs`); the top k with the rest 0 (`topk`); or
+    one-hot labels (`label`). Rounded to `decimals` when set (rounded rows need not sum exactly to 1). The one
+    definition of the output policy: the service answers with it and the audit's in-process oracle simulates it."""
     probs = np.asarray(probs, dtype=np.float32)
-    if policy.kind == "label":
+    if kind == "label":
         out = np.zeros_like(probs)
         out[np.arange(len(probs)), _order(probs)[:, 0]] = 1.0
         return out
-    if policy.kind == "topk":
+    if kind == "topk":
         out = np.zeros_like(probs)
-        keep = _order(probs)[:, :policy.k]
+        keep = _order(probs)[:, :k]
         rows = np.arange(len(probs))[:, None]
         out[rows, keep] = probs[rows, keep]
-    else:
+    elif kind == "probs":
         out = probs.copy()
-    if policy.decimals is not None:
-        out = np.round(out, policy.decimals).astype(np.float32)
+    else:
+        raise ValueError(f"unknown output policy {kind!r}")
+    if decimals is not None:
+        out = np.round(out, decimals).astype(np.float32)
     return out
+
+
+def apply_array(probs: np.ndarray, policy: OutputPolicy) -> np.ndarray:
+    """`reveal` under the service's configured policy."""
+    return reveal(probs, policy.kind, policy.k, policy.decimals)
 
 
 def _round(value: float, decimals: int | None) -> float:

@@ -9,11 +9,11 @@ import io
 import logging
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from protect.card import ONNX, ModelCard, normalise, verify_model_dir
+from protect.host import onnx_session
 from serving.config import Settings
 from serving.errors import InputError
 from serving.policy import apply_array
@@ -26,38 +26,6 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_IMAGE_PIXELS = 4096 * 4096
 CHUNK_ROWS = 1024
 SMALL_BATCH = 32  # at most this many rows run on a one-thread session: no thread-pool wake-ups per request
-
-
-def gpu_present() -> bool:
-    """A GPU that ONNX Runtime's CUDA provider could use: the NVIDIA driver lists one. Not asked of torch: importing
-    it costs each worker about 600 MB, and every full garbage collection then pauses the worker 5× longer."""
-    import shutil
-    import subprocess
-
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if gpus.is_dir() and any(gpus.iterdir()):
-        return True
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return False
-    try:
-        return subprocess.run([smi, "-L"], capture_output=True, timeout=5).returncode == 0
-    except Exception:
-        return False
-
-
-def make_session(path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 # ---------------------------------------------------------------- decoding client inputs
@@ -247,11 +215,11 @@ class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.card = verify_model_dir(settings.model_dir)  # ModelDirError on a missing file or sha256 mismatch
-        self.session = make_session(settings.model_dir / ONNX, settings.ort_threads)
+        self.session = onnx_session(settings.model_dir / ONNX, settings.ort_threads)
         self.providers = self.session.get_providers()
         # Small requests (people, single images) gain nothing from intra-op threads and lose to their wake-ups,
         # most of all on a busy machine; they get their own single-thread session.
-        self.small_session = (make_session(settings.model_dir / ONNX, 1)
+        self.small_session = (onnx_session(settings.model_dir / ONNX, 1)
                               if settings.ort_threads > 1 and self.providers[0] == "CPUExecutionProvider"
                               else self.session)
         self.policy = settings.policy

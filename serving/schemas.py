@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, Field, WithJsonSchema
 from typing_extensions import Annotated
+
+from protect.card import Normalization  # the card's own class (torch-free, packed by bentofile.yaml)
 
 NESTED_PIXELS = {
     "type": "array", "minItems": 1,
@@ -23,11 +25,6 @@ class PolicyInfo(BaseModel):
                                                     "probable classes; label: the predicted class only")
     k: int | None = Field(None, description="k under the topk policy, else null")
     decimals: int | None = Field(None, description="probabilities are rounded to this many decimals; null: not rounded")
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"example": {"inputs": [[[[0.0, 0.5], [1.0, 0.25]]]]}})
-    inputs: Pixels = Field(description="raw pixels in [0, 1], shape (N, C, H, W)")
 
 
 class ClassScore(BaseModel):
@@ -54,11 +51,6 @@ class ImageResponse(BaseModel):
     policy: PolicyInfo
     top: list[ClassScore] = Field(description="most probable classes first; at most the policy's k under topk, "
                                   "the label only (prob null) under label")
-
-
-class Normalization(BaseModel):
-    mean: list[float]
-    std: list[float]
 
 
 class MetadataResponse(BaseModel):

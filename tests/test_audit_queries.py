@@ -1,4 +1,4 @@
-"""Query strategies (issue 23): every query counted against the budget, cached with its inputs and resumed without
+"""Query strategies: every query counted against the budget, cached with its inputs and resumed without
 a second query (over a real `bentoml serve`); the verdict's label-only reference over every strategy's inputs (a
 teacher whose answers are noise is never distillable); calibrated-kd's τ range; the new flags' errors."""
 from __future__ import annotations

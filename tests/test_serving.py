@@ -420,7 +420,7 @@ def test_bentoml_build_includes_the_model(model_dir, tmp_path):
     src = tmp_path / "project"
     (src / "protect").mkdir(parents=True)
     shutil.copytree(ROOT / "serving", src / "serving", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("__init__.py", "card.py"):
+    for name in ("__init__.py", "card.py", "host.py"):
         shutil.copy(ROOT / "protect" / name, src / "protect" / name)
     shutil.copy(ROOT / "bentofile.yaml", src)
     shutil.copytree(model_dir, src / "models" / "default")
@@ -435,6 +435,7 @@ def test_bentoml_build_includes_the_model(model_dir, tmp_path):
     assert bentos[0].read_bytes() == (model_dir / "model.onnx").read_bytes()
     bento_src = bentos[0].parents[2]
     assert (bento_src / "serving" / "service.py").exists() and (bento_src / "protect" / "card.py").exists()
+    assert (bento_src / "protect" / "host.py").exists()
     assert (bento_src / "models/default/model.json").exists()
     # the bento serves its packed model: no UNDISTILLABLE_MODEL_DIR, started outside the project
     srv = Server({"BENTOML_HOME": str(home), "UNDISTILLABLE_MODEL_DIR": None, "UNDISTILLABLE_REQUIRE_KEYS": "off",

@@ -143,7 +143,8 @@ def npy_bodies(draw) -> tuple[bytes, int | None]:
 
 
 def npy_property(max_examples: int):
-    """The hypothesis setup of both .npy properties: generated bodies, plus the two of issue 10 as examples."""
+    """The hypothesis setup of both .npy properties: generated bodies, plus two bodies that once broke the parser (a
+    10^25-row shape, `True` as a dimension) as examples."""
     def wrap(check):
         for case in ((HUGE, 10 ** 25), (TRUE_AS_DIM, None)):
             check = example(case)(check)

@@ -96,10 +96,11 @@ for _spec in [
                lambda ctx, **o: Skeptical(ctx.num_classes, ctx.feature_dims, **o)),
     AttackSpec("calibrated-kd", "temperature-scale the teacher on a held-out 10% slice against labels, then KD",
                _calibrated, options={"tau_bounds": list(TAU_BOUNDS)}),
-    AttackSpec("vid", "variational information distillation (seed 002): Gaussian q(t|s), MLP mean, learned variance",
+    AttackSpec("vid", "variational information distillation (CVPR 2019): Gaussian q(t|s), MLP mean, learned variance",
                lambda ctx, **o: VID(ctx.num_classes, ctx.feature_dims, **o)),
-    AttackSpec("mimkd", "MI maximisation (seed 001): Jensen–Shannon bound, critic on (student feature, teacher "
-               "output), in-batch negatives", lambda ctx, **o: MIMKD(ctx.num_classes, ctx.feature_dims, **o)),
+    AttackSpec("mimkd", "MI maximisation KD (Shrivastava et al. 2021): Jensen–Shannon bound, critic on (student "
+               "feature, teacher output), in-batch negatives",
+               lambda ctx, **o: MIMKD(ctx.num_classes, ctx.feature_dims, **o)),
 ]:
     ATTACKS.register(_spec.name)(_spec)
 

@@ -53,7 +53,6 @@ class Attack(Objective):
     """Base class of the battery's objectives. `needs_soft`: the attack uses more than the teacher's label."""
 
     needs_soft: bool = True
-    needs_features: bool = False
 
     def __init__(self, **options):
         super().__init__()

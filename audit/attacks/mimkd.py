@@ -1,4 +1,4 @@
-"""`mimkd`: Mutual Information Maximisation KD (Shrivastava et al., 2021; seed 001), output-only form.
+"""`mimkd`: Mutual Information Maximisation KD (Shrivastava et al., 2021), output-only form.
 
 A critic T(s, t) scores (student feature, teacher output) pairs; the Jensen–Shannon MI bound
 Î_JSD = E_pos[−softplus(−T(s_i, t_i))] − E_neg[softplus(T(s_i, t_j))], with the batch's other rows as
@@ -25,8 +25,6 @@ def jsd_mi_loss(scores: Tensor) -> Tensor:
 
 
 class MIMKD(Attack):
-    needs_features = True
-
     def __init__(self, num_classes: int, feature_dims: dict[str, int], weight: float = 1.0, embed: int = 64,
                  hidden: int = 128, ce_weight: float = 1.0):
         super().__init__(weight=weight, embed=embed, hidden=hidden, ce_weight=ce_weight)

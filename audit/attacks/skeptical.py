@@ -25,8 +25,6 @@ def auxiliary_head(feature_dims: dict[str, int], num_classes: int) -> tuple[str,
 
 
 class Skeptical(Attack):
-    needs_features = True
-
     def __init__(self, num_classes: int, feature_dims: dict[str, int], temperature: float = 4.0, alpha: float = 0.9,
                  self_distill: float = 1.0, delay: float = 0.25):
         super().__init__(temperature=temperature, alpha=alpha, self_distill=self_distill, delay=delay)

@@ -1,4 +1,4 @@
-"""`vid`: Variational Information Distillation (Ahn et al., CVPR 2019; seed 002).
+"""`vid`: Variational Information Distillation (Ahn et al., CVPR 2019).
 
 Maximise a variational lower bound on I(t; s): with a Gaussian q(t | s) of mean μ(s) (an MLP of the
 student's penultimate feature) and a learned per-dimension variance σ_d² (homoscedastic, softplus-
@@ -23,8 +23,6 @@ def gaussian_nll(mean: Tensor, target: Tensor, variance: Tensor) -> Tensor:
 
 
 class VID(Attack):
-    needs_features = True
-
     def __init__(self, num_classes: int, feature_dims: dict[str, int], weight: float = 1.0, hidden: int = 128,
                  init_variance: float = 5.0, eps: float = 1e-5, ce_weight: float = 1.0):
         super().__init__(weight=weight, hidden=hidden, init_variance=init_variance, ce_weight=ce_weight)

@@ -1,4 +1,4 @@
-"""Query strategies (issue 23): what the attacker asks the oracle about, one file each, a registry `QUERIES`.
+"""Query strategies: what the attacker asks the oracle about, one file each, a registry `QUERIES`.
 
 `rows` is the transfer set itself and is always part of an audit (the validation slice, the test split and the
 label-only reference on rows come from it). Every other strategy synthesises extra inputs from the training rows;
