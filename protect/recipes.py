@@ -159,13 +159,14 @@ def _convert(path: Path, key: str, value, action: argparse.Action):
         raise bad("a string or a number")
     if action.choices is not None and str(value) not in action.choices:
         raise bad(f"one of {', '.join(map(repr, action.choices))} (a string)")
-    try:
-        converted = action.type(str(value)) if action.type else str(value)
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        raise bad(f"a value of --{key.replace('_', '-')} ({exc})") from None
     if action.type is int and not isinstance(value, int):
         raise bad("an integer")
-    return converted
+    if action.type is float and not isinstance(value, int | float):
+        raise bad(f"a number ({key} = 0.5)")
+    try:
+        return action.type(str(value)) if action.type else str(value)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise bad(f"a value of --{key.replace('_', '-')} ({exc})") from None
 
 
 def training_settings(config: dict) -> dict:
