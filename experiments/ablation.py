@@ -54,7 +54,7 @@ def main() -> None:
     add_teacher_args(p)
     add_audit_args(p, audit="default")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="rows to produce: recipes of recipes/teachers (RECIPE or RECIPE@SEED); `protect list` lists them")
+                   help="rows to produce: recipes of recipes/teachers (RECIPE or RECIPE@SEED; `protect list`)")
     p.add_argument("--work", type=Path, default=Path("experiments/work/ablation"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()

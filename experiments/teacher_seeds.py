@@ -31,8 +31,10 @@ def paired_drop(ce: list[float], other: list[float]) -> dict:
     d = [100 * (a - b) for a, b in zip(ce, other)]
     s = summarise(d)
     upper = None if s["std"] is None else s["mean"] + t_quantile(0.95, s["n"] - 1) * s["std"] / s["n"] ** 0.5
-    return {"per_seed": [round(x, 3) for x in d], "mean": round(s["mean"], 3),
-            "std": None if s["std"] is None else round(s["std"], 3), "upper": None if upper is None else round(upper, 3)}
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 3)
+
+    return {"per_seed": [round(x, 3) for x in d], "mean": r(s["mean"]), "std": r(s["std"]), "upper": r(upper)}
 
 
 def markdown(result: dict) -> str:

@@ -35,7 +35,8 @@ def test_config_file_and_mode_flag_record_the_same_recipe_hash_in_their_runs(tmp
 
 def test_a_run_at_a_recipes_settings_is_named_by_it_whichever_way_they_were_given():
     assert _config("--mode", "cmim")["recipe"]["name"] == "cmim"
-    assert _config("--config", "cmim", "--seed", "3", "--device", "cpu")["recipe"] == _config("--mode", "cmim")["recipe"]
+    elsewhere = _config("--config", "cmim", "--seed", "3", "--device", "cpu")
+    assert elsewhere["recipe"] == _config("--mode", "cmim")["recipe"]
     assert _config("--mode", "ce")["recipe"]["name"] == "ce"
     lam30 = _config("--config", "cmim", "--lam", "30")["recipe"]
     assert lam30 == _config("--config", "cmim-lam30-T0.25-16-T2-warm")["recipe"]
