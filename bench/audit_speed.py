@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.protection import provenance
+from experiments.common import provenance
 
 
 def student_data(dataset: str, rows: int, student: str):

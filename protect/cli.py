@@ -23,6 +23,7 @@ modes:
 
 examples:
   protect train --mode cmim --dataset fashion-mnist --out runs/cmim
+  protect train --config cmim --seed 1 --out runs/cmim@1     # a recipe file (recipes/teachers/cmim.toml)
   protect train --mode cmim --lam 5 --temperatures 1,2,4,8,16 --aggregator max --weighting 1 --out runs/cmim-max
   protect train --mode mcmi --init runs/ce --epochs 5 --lr 0.01 --out runs/mcmi
   protect train --mode cmim --init runs/ce --lam 60 --epochs 6 --lr 0.01 --out runs/cmim-ft   # harden a trained model
@@ -41,17 +42,15 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """`protect train`'s options (also what a teacher recipe file may set)."""
     from protect.cmi import CMIM_DEFAULT_LAMBDA, CMIM_DEFAULT_TEMPERATURES, CMIM_DEFAULT_WARMUP, CMIM_DEFAULT_WEIGHTING
     from protect.data import DATASETS
     from protect.models import ARCHS
     from protect.objectives import OBJECTIVES
 
-    parser = argparse.ArgumentParser(prog="protect", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a teacher", epilog=TRAIN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", help="a teacher recipe: a name from `protect list` (recipes/teachers/NAME.toml) "
+                   "or a .toml file; it sets the defaults, flags given here override it")
     t.add_argument("--mode", default="cmim", help=f"objective: {', '.join(OBJECTIVES.names())} (default cmim)")
     t.add_argument("--dataset", default="fashion-mnist", help=f"{', '.join(DATASETS.names())} (default fashion-mnist)")
     t.add_argument("--data-dir", help="where the dataset's files are (default: the Debian path for fashion-mnist)")
@@ -103,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--omega", type=float, default=0.04, help="nasty: weight ω")
     n.add_argument("--epsilon", type=float, default=0.1, help="ls: smoothing ε")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The CLI; `train_defaults` (a recipe's options, protect/recipes.py) replace `protect train`'s defaults, so
+    that flags given on the command line still win."""
+    parser = argparse.ArgumentParser(prog="protect", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a teacher", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(t)
+    if train_defaults:
+        t.set_defaults(**train_defaults)
     t.add_argument("--json", action="store_true", help="print the final summary as JSON")
 
     e = sub.add_parser("eval", help="accuracy, CMI per temperature, separation, NCMI and ECE on the test split")
@@ -185,7 +197,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("modes:         " + ", ".join(OBJECTIVES.names()))
     print("datasets:      " + ", ".join(DATASETS.names()))
     print("architectures: " + ", ".join(ARCHS.names()) + ", or module:factory")
+    from protect.recipes import RecipeError, list_recipes
+
+    try:
+        print("recipes:       " + ", ".join(list_recipes("teachers")) + " (protect train --config NAME)")
+    except RecipeError as exc:
+        print(f"recipes:       none ({exc})")
     return 0
+
+
+def with_recipe(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """`train --config RECIPE`: the command line parsed again with the recipe's values as the defaults, so that
+    explicit flags override them."""
+    if args.command != "train" or not args.config:
+        return args
+    from protect.recipes import load_teacher_recipe
+
+    return build_parser(load_teacher_recipe(args.config).defaults).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "list": cmd_list}
     try:
+        args = with_recipe(args, argv)
         return handlers[args.command](args)
     except (UnknownNameError, UsageError, DatasetNotFoundError) as exc:
         print(f"protect {args.command}: error: {exc}", file=sys.stderr)

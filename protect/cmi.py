@@ -213,7 +213,7 @@ def aggregate(terms: Tensor, temperatures: Sequence[float], aggregator: Aggregat
     raise ValueError(f"unknown aggregator {aggregator!r}; choose mean, max or softmax")
 
 
-# Chosen by bench/ablation.py at the converged regime against the whole battery (bench/results/
+# Chosen by experiments/ablation.py at the converged regime against the whole battery (bench/results/
 # ablation-battery-lam20-T2-fashion-mnist.md, 8 paired seeds): λ 20, w(T) = T², T from 0.25 to 16, λ ramped in over
 # the first 30% of the epochs was undistillable against all nine families at CE − 0.08 points. T < 1 covers the
 # attacker's recalibration (calibrated-kd sharpens a CMIM teacher to τ ≈ 0.2); w(T) = T² keeps the high-T terms

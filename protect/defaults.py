@@ -5,10 +5,10 @@ A module of its own so that protect/cli.py and protect/teacher.py import it inst
 """
 from __future__ import annotations
 
-# Fashion-MNIST's default is the recipe bench.protection audits (bench/results/protection-fashion-mnist.md), so
-# `protect train --mode cmim` trains with the recipe audited there. 16 epochs, not 12: at 12 the CMIM teacher
-# still under-fits (train accuracy 93.1% against CE's 94.4%) and pays for it in test accuracy (docs/results.md,
-# "Why 16 epochs").
+# Fashion-MNIST's default is what experiments.protection audits (bench/results/protection-fashion-mnist.md), so
+# `protect train --mode cmim` trains the recipe audited there (recipes/teachers/cmim.toml). 16 epochs, not 12: at
+# 12 the CMIM teacher still under-fits (train accuracy 93.1% against CE's 94.4%) and pays for it in test accuracy
+# (docs/results.md, "Why 16 epochs").
 DATASET_DEFAULTS: dict[str, dict] = {
     "fashion-mnist": {"arch": "cnn-small", "epochs": 16, "lr": 0.05, "batch_size": 128},
     "digits": {"arch": "cnn-small", "epochs": 20, "lr": 0.05, "batch_size": 64},

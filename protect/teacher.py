@@ -12,11 +12,46 @@ from protect.data import TensorLoader, load_dataset, make_loader, train_and_test
 from protect.defaults import DATASET_DEFAULTS, EVAL_TEMPERATURES, UsageError
 from protect.models import create_model
 from protect.objectives import OBJECTIVES
+from protect.recipes import RecipeError, config_recipe_hash, list_recipes, load_teacher_recipe
 from protect.runs import CONFIG, build_model, load_run_model, read_config, versions, write_config
 from protect.trainer import TrainConfig, distributed_context, fit, resolve_device
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
+    """The run's config.json: its settings, provenance and the recipe they match (name and hash)."""
+    config = settings_from_args(args)
+    sha = config_recipe_hash(config)
+    config["recipe"] = {"name": matching_recipe(args, sha), "sha256": sha}
+    return config
+
+
+# where and how a run runs: a recipe is matched with this run's values of them
+_RUN_ARGS = ("out", "dataset", "seed", "device", "data_dir", "workers", "init", "reference")
+
+
+def matching_recipe(args: argparse.Namespace, sha: str) -> str:
+    """The name of the teacher recipe whose settings, on this run's dataset, hash to `sha`; "custom" if none."""
+    from protect.cli import build_parser
+
+    names: list[str | Path] = [args.config] if getattr(args, "config", None) else []
+    try:
+        names += list_recipes("teachers")
+    except RecipeError:  # an install without the repository's recipes/: nothing to match
+        pass
+    for name in names:
+        recipe = load_teacher_recipe(name)
+        candidate = build_parser(recipe.defaults).parse_args(["train", "--out", str(args.out)])
+        for key in _RUN_ARGS:
+            setattr(candidate, key, getattr(args, key))
+        try:
+            if config_recipe_hash(settings_from_args(candidate)) == sha:
+                return recipe.name
+        except UsageError:  # e.g. a fine-tuning recipe, and this run has no --init
+            continue
+    return "custom"
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
     OBJECTIVES.get(args.mode)  # unknown mode → the list of valid ones, before any work
     defaults = DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["imagefolder"])
     if args.mode == "mcmi" and args.init is None:

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from protect.atomic import replace_with
+from protect.history import METRICS, read_metrics
 from protect.objectives.base import Objective
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 WEIGHTS = "model.pt"
 
 
@@ -239,7 +239,7 @@ def fit(
             except (KeyError, RuntimeError, ValueError) as exc:
                 raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run: {exc}") from exc
             start_epoch = int(state["epoch"]) + 1
-            history = _read_history(run_dir / METRICS)[:start_epoch]
+            history = read_metrics(run_dir)[:start_epoch]
             # A crash between the metrics line and the checkpoint may have left a line too many.
             (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in history))
         elif ckpt_path.exists():
@@ -392,8 +392,3 @@ def _buffer_spread(objective: nn.Module) -> float:
     stacked = torch.stack(gathered)
     return float((stacked.max(0).values - stacked.min(0).values).max())
 
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

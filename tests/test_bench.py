@@ -9,12 +9,12 @@ from tests.conftest import run_cli
 
 SCALE = ["--dataset", "digits", "--teacher-arch", "cnn-tiny", "--teacher-epochs", "2", "--student-arch", "cnn-tiny",
          "--student-epochs", "2", "--budget", "300", "--seeds", "3", "--attacks", "kd-T4-a0.9,hard-label",
-         "--jobs", "1", "--threads", "1", "--quiet"]
+         "--jobs", "1", "--threads", "1", "--quiet", "--audit", "default"]
 
 
 def test_protection_benchmark_writes_teachers_targets_and_policies(tmp_path):
-    run_cli("-m", "bench.protection", *SCALE, "--teachers", "ce,cmim,ce-top1,cmim-cal", "--work", str(tmp_path / "work"),
-            "--out", str(tmp_path / "out"))
+    run_cli("-m", "experiments.protection", *SCALE, "--teachers", "ce,cmim,ce-top1,cmim-cal",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
     result = json.loads((tmp_path / "out" / "protection-digits.json").read_text())
     rows = result["teachers"]
     assert list(rows) == ["ce", "cmim", "ce-top1", "cmim-cal"]
@@ -41,7 +41,7 @@ def test_protection_benchmark_writes_teachers_targets_and_policies(tmp_path):
 
 
 def test_ablation_benchmark_reuses_finished_work(tmp_path):
-    args = ["-m", "bench.ablation", *SCALE, "--variants", "ce,cmim-lam20-max", "--work", str(tmp_path / "work"),
+    args = ["-m", "experiments.ablation", *SCALE, "--variants", "ce,cmim-lam20-max", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "out")]
     run_cli(*args)
     first = json.loads((tmp_path / "out" / "ablation-digits.json").read_text())
@@ -79,13 +79,14 @@ def test_serving_benchmark_measures_the_service_against_a_bare_baseline(model_di
 
 
 def test_teacher_seeds_benchmark_pairs_the_drop_by_seed_and_reuses_runs(tmp_path):
-    args = ["-m", "bench.teacher_seeds", "--dataset", "digits", "--teacher-arch", "cnn-tiny", "--teacher-epochs", "1",
+    args = ["-m", "experiments.teacher_seeds", "--dataset", "digits", "--teacher-arch", "cnn-tiny",
+            "--teacher-epochs", "1",
             "--teachers", "ce,cmim", "--seeds", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
     run_cli(*args)
     result = json.loads((tmp_path / "out" / "teacher-seeds-digits.json").read_text())
     ce, cmim = result["teachers"]["ce"], result["teachers"]["cmim"]
     runs = tmp_path / "work" / "digits" / "runs"
-    assert [json.loads((runs / f"cmim-s{s}" / "config.json").read_text())["train"]["seed"] for s in (0, 1)] == [0, 1]
+    assert [json.loads((runs / run / "config.json").read_text())["train"]["seed"] for run in ("cmim", "cmim@1")] == [0, 1]
     drop = cmim["drop_vs_ce"]
     assert drop["per_seed"] == [round(100 * (ce["accuracy"][s] - cmim["accuracy"][s]), 3) for s in ("0", "1")]
     assert drop["upper"] >= drop["mean"] and cmim["drop_within_target"] == (drop["mean"] <= 0.3)
@@ -107,7 +108,7 @@ def test_protection_benchmark_runs_the_query_strategies_families(tmp_path):
     """`--queries` reaches the audits: the families on mixup's inputs, the winning label-only reference and the
     per-strategy table are in the results."""
     args = [a if a != "kd-T4-a0.9,hard-label" else "kd-T4-a0.9" for a in SCALE]
-    run_cli("-m", "bench.protection", *args, "--budget", "600", "--teachers", "ce", "--queries", "rows,mixup",
+    run_cli("-m", "experiments.protection", *args, "--budget", "600", "--teachers", "ce", "--queries", "rows,mixup",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
     a = json.loads((tmp_path / "out" / "protection-digits.json").read_text())["teachers"]["ce"]["audit"]
     assert set(a["families"]) == {"kd", "kd@mixup"} and a["families"]["kd@mixup"]["queries"] == "mixup"

@@ -227,7 +227,7 @@ def test_calibrated_cmim_trains_records_its_option_and_is_measured_at_the_attack
     state = torch.load(out / CHECKPOINT, weights_only=True)["objective"]
     log_tau = next(v for k, v in state.items() if k.endswith("log_tau"))
     assert torch.isfinite(log_tau) and float(log_tau) != 0.0  # τ was fitted, not left at its initial 1
-    bench = run_cli("-m", "bench.calibrated_cmi", str(digits_ce_run), str(out), "--dataset", "digits",
+    bench = run_cli("-m", "experiments.calibrated_cmi", str(digits_ce_run), str(out), "--dataset", "digits",
                     "--budget", "1000", "--out", str(tmp_path / "leak"))
     rows = json.loads((tmp_path / "leak.json").read_text())["teachers"]
     assert set(rows) == {digits_ce_run.name, "cal"} and "| cal |" in bench.stdout

@@ -1,7 +1,7 @@
-"""The protection benchmark's view of the audit's query strategies (audit/queries): one table per results file."""
+"""The protection experiment's view of the audit's query strategies (audit/queries): one table per results file."""
 from __future__ import annotations
 
-from bench.protection import _cell
+from experiments.tables import cell
 
 
 def strategy_table(rows: dict[str, dict]) -> list[str]:
@@ -19,7 +19,7 @@ def strategy_table(rows: dict[str, dict]) -> list[str]:
         for row in rows.values():
             fams = {n: f for n, f in row["audit"]["families"].items() if f.get("queries", "rows") == s}
             best = max(fams, key=lambda n: fams[n]["mean"], default=None)
-            cells.append(f"{best}: {_cell(fams[best])}" if best else "–")
+            cells.append(f"{best}: {cell(fams[best])}" if best else "–")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     refs = []
     for row in rows.values():

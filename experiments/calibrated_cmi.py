@@ -1,4 +1,4 @@
-"""What a teacher leaks at the scale an attacker reads it (issue 11): seconds per teacher, no students.
+"""What a teacher leaks at the scale an attacker reads it: seconds per teacher, no students.
 
 For each teacher, on the audit's transfer rows (the first `--budget` training rows) and its validation slice:
 - τ: the temperature calibrated-kd fits (NLL of the labels on the validation slice; searched in protect.metrics.TAU_BOUNDS,
@@ -8,7 +8,7 @@ For each teacher, on the audit's transfer rows (the first `--budget` training ro
 - the within-class share of the centred log-probabilities' variance (what logit-mse regresses on; scale-free);
 - CMI at the raw T = 1 and 4, and test accuracy, for comparison with `protect eval`.
 
-    python -m bench.calibrated_cmi bench/work/protection/fashion-mnist/runs/ce bench/work/protection/fashion-mnist/runs/cmim
+    python -m experiments.calibrated_cmi experiments/work/protection/fashion-mnist/runs/{ce,cmim}
 """
 from __future__ import annotations
 
@@ -68,9 +68,9 @@ def main() -> None:
         import shlex
         import sys
 
-        from bench.protection import machine
+        from experiments.common import machine
 
-        command = "python -m bench.calibrated_cmi " + shlex.join(sys.argv[1:])
+        command = "python -m experiments.calibrated_cmi " + shlex.join(sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(
             {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "teachers": rows}, indent=2))
