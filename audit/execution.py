@@ -18,7 +18,7 @@ from audit.queries.reference import verdict_reference
 from audit.querying import Answers, validation_split
 from audit.recover import recover_logp
 from audit.settings import STUDENT_SCHEDULE, AuditSettings, log
-from audit.stats import Decision, decide
+from audit.stats import Verdict, decide
 from audit.students import StudentData, StudentTask, default_jobs, run_students, test_accuracy_from_weights
 
 STUDENTS = "students.jsonl"
@@ -30,7 +30,7 @@ class Outcome:
     seeds: int
     looks: list[int]
     alpha_look: float  # the significance level of each look (alpha split evenly over the looks)
-    decision: Decision | None  # None: interrupted before the first look was decided
+    decision: Verdict | None  # None: interrupted before the first look was decided
     interrupted: bool
     jobs: int | None  # worker processes; None: Ray tasks
     deaths: list[dict]

@@ -17,8 +17,8 @@ from audit.queries.summary import add_query_fields
 from audit.querying import Answers
 from audit.settings import DEFAULT_STUDENT, STUDENT_EPOCHS, STUDENT_SCHEDULE, AuditSettings
 from audit.stats import paired_delta, summarise
+from protect.defaults import EVAL_TEMPERATURES
 
-CMI_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 def teacher_summary(recovery, y: torch.Tensor, info, num_classes: int) -> dict:
@@ -26,7 +26,7 @@ def teacher_summary(recovery, y: torch.Tensor, info, num_classes: int) -> dict:
     if info.policy.get("kind") == "probs" and not recovery.label_only:
         from protect.cmi import cmi_spectrum
 
-        teacher["cmi"] = {f"{t:g}": v for t, v in cmi_spectrum(recovery.logp.double(), y, CMI_TEMPERATURES,
+        teacher["cmi"] = {f"{t:g}": v for t, v in cmi_spectrum(recovery.logp.double(), y, EVAL_TEMPERATURES,
                                                                 num_classes).items()}
         teacher["cmi_note"] = ("on the transfer set, from recovered log-probabilities"
                                + (f"; answers rounded to {info.policy['decimals']} decimals"

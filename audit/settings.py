@@ -9,6 +9,7 @@ from pathlib import Path
 from audit.attacks import LS_EPSILONS
 from audit.ray_jobs import RayOptions
 from audit.recover import DEFAULT_FLOOR
+from protect.defaults import UsageError
 
 SEED_ROUNDS = (3, 5, 8, 12)  # --seeds auto: the looks, capped by --max-seeds
 
@@ -24,8 +25,7 @@ PATIENCE = None
 DEFAULT_STUDENT = "cnn-tiny"
 
 
-class AuditUsageError(ValueError):
-    """Bad arguments for an audit (exit status 2)."""
+AuditUsageError = UsageError  # the one usage error; the old name stays for callers
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from experiments.teachers import Row, run_name, train_teachers
+from protect.defaults import CARD_TEMPERATURES
 from protect.recipes import config_recipe_hash
 
 
@@ -44,7 +45,7 @@ def teacher_numbers(model: Path, dataset: str, data_dir: str | None, run: Path |
     card = load_card(model)
     splits = load_dataset(dataset, data_dir)
     logits = torch.from_numpy(OnnxPredictor(model).logits(splits.test_x.numpy()))
-    rep = classifier_report(logits, splits.test_y, card.num_classes, temperatures=(1, 4, 16))
+    rep = classifier_report(logits, splits.test_y, card.num_classes, temperatures=CARD_TEMPERATURES)
     half = len(splits.test_y) // 2
     return {"test_accuracy": rep["accuracy"], "cmi": rep["cmi"], "ncmi": rep["ncmi"], "ece": rep["ece"],
             "ece_second_half": expected_calibration_error(logits[half:], splits.test_y[half:]),

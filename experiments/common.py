@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 from protect.history import training_seconds
+from protect.host import cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def machine() -> str:
     import torch
 
     gpu = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+    return f"{platform.machine()}, {cpu_count()} cores, torch {torch.__version__}, {gpu}"
 
 
 def recorded_seconds(work: Path) -> dict:

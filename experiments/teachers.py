@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.common import ROOT
+from protect.host import cpu_count
 from protect.recipes import Recipe, RecipeError, list_recipes, load_teacher_recipe, training_settings
 
 # name -> the recipe whose model the row serves, and how (the oracle's output policy, or a recalibrated export)
@@ -173,7 +174,7 @@ def train_teachers(work: Path, teachers: list[Teacher], args, log_prefix: str = 
     """Train every teacher (and what it builds on), `--parallel-teachers` at a time, those built on first."""
     order = with_needs(teachers)
     parallel = max(1, getattr(args, "parallel_teachers", 1))
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = max(1, cpu_count() // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
     def train(teacher: Teacher) -> None:
