@@ -22,6 +22,7 @@ from experiments.common import provenance
 from experiments.scale import add_teacher_args, resolve_teacher_scale
 from experiments.teachers import Teacher, load_recipe, train_teachers
 from protect.history import read_metrics, training_seconds
+from protect.recipes import Recipe
 
 DROP_MAX_POINTS = 0.3
 
@@ -35,6 +36,19 @@ def paired_drop(ce: list[float], other: list[float]) -> dict:
         return None if x is None else round(x, 3)
 
     return {"per_seed": [round(x, 3) for x in d], "mean": r(s["mean"]), "std": r(s["std"]), "upper": r(upper)}
+
+
+def seed_runs(work: Path, recipe: Recipe, seeds, args) -> dict[str, dict]:
+    """Train `recipe` at each teacher seed into runs/RECIPE@SEED (finished runs reused) and read each run's
+    last-epoch test accuracy (a fraction), CMI at T = 1 and recorded training seconds, by seed (a string)."""
+    teachers = [Teacher(recipe, seed) for seed in seeds]
+    train_teachers(work, teachers, args)
+    out = {}
+    for t in teachers:
+        last = read_metrics(work / "runs" / t.run)[-1]
+        out[str(t.seed)] = {"test_accuracy": last["test_acc"], "cmi_1": last["test_cmi"]["1"],
+                            "training_seconds": round(training_seconds(work / "runs" / t.run), 1)}
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -80,17 +94,12 @@ def main() -> None:
     work = args.work / args.dataset
     rows: dict[str, dict] = {}
     for name, recipe in recipes.items():
-        teachers = [Teacher(recipe, seed) for seed in range(args.seeds)]
-        train_teachers(work, teachers, args)
-        accuracy, cmi, seconds = {}, [], {}
-        for t in teachers:
-            last = read_metrics(work / "runs" / t.run)[-1]
-            seconds[str(t.seed)] = round(training_seconds(work / "runs" / t.run), 1)
-            accuracy[str(t.seed)] = last["test_acc"]
-            cmi.append(last["test_cmi"]["1"])
+        runs = seed_runs(work, recipe, range(args.seeds), args)
+        accuracy = {k: r["test_accuracy"] for k, r in runs.items()}
         rows[name] = {"flags": recipe.flags(), "accuracy": accuracy,
-                      "mean_accuracy": statistics.fmean(accuracy.values()), "mean_cmi_1": statistics.fmean(cmi),
-                      "training_seconds": seconds}
+                      "mean_accuracy": statistics.fmean(accuracy.values()),
+                      "mean_cmi_1": statistics.fmean(r["cmi_1"] for r in runs.values()),
+                      "training_seconds": {k: r["training_seconds"] for k, r in runs.items()}}
         if name != "ce":
             rows[name]["drop_vs_ce"] = paired_drop(list(rows["ce"]["accuracy"].values()), list(accuracy.values()))
             rows[name]["drop_within_target"] = rows[name]["drop_vs_ce"]["mean"] <= DROP_MAX_POINTS

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from experiments.common import ROOT
 from protect.host import cpu_count
-from protect.recipes import Recipe, RecipeError, list_recipes, load_teacher_recipe, training_settings
+from protect.recipes import Recipe, RecipeError, list_recipes, load_teacher_recipe, recipe_hash, training_settings
 
 # name -> the recipe whose model the row serves, and how (the oracle's output policy, or a recalibrated export)
 SERVED: dict[str, dict] = {
@@ -125,16 +125,28 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def asked_settings(argv: list[str]) -> dict:
+    """The run config `protect train argv` would record, without training."""
+    from protect.cli import build_parser, with_recipe
+    from protect.teacher import settings_from_args
+
+    return settings_from_args(with_recipe(build_parser().parse_args(argv), argv))
+
+
+def asked_recipe_hash(work: Path, teacher: Teacher, args) -> str:
+    """The recipe hash (protect.recipes) the teacher's run records once trained at the experiment's scale: what a
+    result kept from an earlier session is compared with when the run itself is gone."""
+    return recipe_hash(training_settings(asked_settings(train_argv(work, teacher, args))))
+
+
 def refuse_other_settings(run: Path, argv: list[str]) -> None:
     """Stop when a run kept in the work directory was trained at other settings than `argv` asks for: reusing it
     would report, say, a 12-epoch teacher under a 16-epoch command. Settings a run's config.json does not record
     (options added after it was trained) are not compared."""
-    from protect.cli import build_parser, with_recipe
     from protect.runs import read_config
-    from protect.teacher import settings_from_args
 
     have = read_config(run)
-    asked = settings_from_args(with_recipe(build_parser().parse_args(argv), argv))
+    asked = asked_settings(argv)
     old, new = _flat(training_settings(have)), _flat(training_settings(asked))
     old["seed"], new["seed"] = have["train"].get("seed"), asked["train"]["seed"]
     differ = [f"{k} {old[k]!r} (asked: {new[k]!r})" for k in new if k in old and not _same(old[k], new[k])]
