@@ -117,12 +117,12 @@ def main() -> None:
     old = {e["row"]: e for e in earlier.get("teachers", [])}
     teachers: dict[str, dict] = {}
     for r in rows:
-        reason = None if r.name in redo else keep_reason(old.get(r.name), r, hashes[r.name])
+        reason = None if r.name in redo else keep_reason(old.get(r.name), r, hashes[r.name], not args.no_reaudit)
         if reason:
             print(f"{r.name}: kept from {path} ({reason})", flush=True)
             teachers[r.name] = old[r.name]
     for f in args.imports:
-        for name, entry in imported_entries(f, rows, hashes, asked).items():
+        for name, entry in imported_entries(f, rows, hashes, asked, not args.no_reaudit).items():
             if name not in teachers and name not in redo:
                 print(f"{name}: imported from {f}", flush=True)
                 teachers[name] = entry

@@ -71,12 +71,13 @@ def kd_accuracies(report_path: Path) -> list[float] | None:
     return (report.get("attacks", {}).get("kd") or {}).get("accuracy")
 
 
-def finished(entry: dict) -> bool:
-    """Decided, or already given every seed `--seeds auto` would: nothing more to run for it."""
-    return entry.get("outcome") in ("distillable", "undistillable") or entry.get("audit_seeds") == "auto"
+def finished(entry: dict, reaudit: bool = True) -> bool:
+    """Decided, or already given every seed `--seeds auto` would (or no re-audit asked): nothing more to run."""
+    return entry.get("outcome") in ("distillable", "undistillable") or entry.get("audit_seeds") == "auto" \
+        or (not reaudit and entry.get("outcome") is not None)
 
 
-def keep_reason(entry: dict | None, row: Row, sha256: str) -> str | None:
+def keep_reason(entry: dict | None, row: Row, sha256: str, reaudit: bool = True) -> str | None:
     """Why an earlier entry stands for `row` (None: it does not). The scale was compared for the whole file."""
     if entry is None:
         return None
@@ -85,14 +86,15 @@ def keep_reason(entry: dict | None, row: Row, sha256: str) -> str | None:
         print(f"{row.name}: the earlier entry was another recipe or seed ({entry.get('recipe')} "
               f"{str(entry.get('recipe_sha256'))[:12]} @{entry.get('seed')}): recomputed", flush=True)
         return None
-    if not finished(entry):
+    if not finished(entry, reaudit):
         print(f"{row.name}: the earlier entry is inconclusive at {entry.get('seeds')} seeds: re-audited", flush=True)
         return None
     return (f"recipe {row.teacher.recipe.name} ({sha256[:12]}), teacher seed {row.teacher.seed} and the scale "
             f"match; {entry['source']}")
 
 
-def imported_entries(path: Path, rows: list[Row], hashes: dict[str, str], asked: dict) -> dict[str, dict]:
+def imported_entries(path: Path, rows: list[Row], hashes: dict[str, str], asked: dict,
+                     reaudit: bool = True) -> dict[str, dict]:
     """The finished rows of another protection results file (experiments.protection's schema) that match `rows`,
     as teacher entries; a file at another scale is refused, naming the setting."""
     try:
@@ -121,7 +123,7 @@ def imported_entries(path: Path, rows: list[Row], hashes: dict[str, str], asked:
             continue
         entry = teacher_entry(row, measured, sha, None, str(result["settings"].get("seeds")),
                               f"imported from {path.name}")
-        if finished(entry):
+        if finished(entry, reaudit):
             out[row.name] = entry
         else:
             print(f"--import {path}: {row.name} is inconclusive there: re-audited here", flush=True)
