@@ -16,10 +16,11 @@ TEACHER_KEYS = {"mode", "recipe", "seed", "test_accuracy", "outcome", "largest_u
 
 
 def test_protection_seeds_imports_resumes_from_its_file_and_refuses_other_settings(tmp_path):
-    run_cli("-m", "experiments.protection", *SCALE, "--teachers", "ce", "--work", str(tmp_path / "p-work"),
+    work, out = tmp_path / "work", tmp_path / "out"
+    # the same work directory: the ce run and the reference students are shared, as in one session
+    run_cli("-m", "experiments.protection", *SCALE, "--teachers", "ce", "--work", str(work),
             "--out", str(tmp_path / "p-out"))
     imported = tmp_path / "p-out" / "protection-digits.json"
-    work, out = tmp_path / "work", tmp_path / "out"
     args = ["-m", "experiments.protection_seeds", *SCALE, "--no-reaudit", "--teachers", "ce,cmim",
             "--accuracy-seeds", "2", "--work", str(work), "--out", str(out)]
     run_cli(*args, "--import", str(imported))
