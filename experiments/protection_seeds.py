@@ -151,7 +151,8 @@ def main() -> None:
                                "tau_bounds": list(tau_bounds()),
                                "queries": {"strategies": args.queries, "budget": args.budget,
                                            "rounds": args.query_rounds},
-                               "accuracy_seeds": args.accuracy_seeds, "scale": asked},
+                               "accuracy_seeds": args.accuracy_seeds, "reaudit": not args.no_reaudit,
+                               "scale": asked},
                   "asked_rows": [r.name for r in rows], "teachers": [teachers[r.name] for r in rows if r.name in teachers],
                   "accuracy_over_teacher_seeds": accuracy, "mcmi_vs_ce_kd": kd}
         result["targets"] = evaluate_targets(result)

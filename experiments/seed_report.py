@@ -70,8 +70,36 @@ def evaluate_targets(result: dict) -> list[dict]:
     return out
 
 
+def kd_claim(k: dict) -> str:
+    """What the paired comparison says of the claim that an MCMI teacher's KD student is the more accurate."""
+    if k["lower"] is not None and k["lower"] > 0:
+        return "MCMI's KD student is more accurate: the claim is confirmed."
+    if k["upper"] is not None and k["upper"] < 0:
+        return "MCMI's KD student is less accurate: the claim is refuted."
+    return "Neither confirmed nor refuted at these seeds."
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
+
+
+def strongest_per_strategy(result: dict) -> list[str]:
+    """Per row and query strategy (the rows, each off-manifold one): the strongest family, its Δ and upper bound."""
+    entries = result["teachers"]
+    strategies = list(dict.fromkeys(f["queries"] for e in entries for f in e["families"].values()))
+    if not entries:
+        return []
+    lines = ["", "## Strongest family per query strategy (Δ, ≤ one-sided 95% upper bound, points)", "",
+             "| row | " + " | ".join(strategies) + " |", "|---" * (len(strategies) + 1) + "|"]
+    for e in entries:
+        cells = []
+        for q in strategies:
+            fams = {n: f for n, f in e["families"].items() if f["queries"] == q and f["mean"] is not None}
+            best = max(fams, key=lambda n: fams[n]["mean"], default=None)
+            up = "" if best is None or fams[best]["upper"] is None else f" (≤ {fams[best]['upper']:+.2f})"
+            cells.append("–" if best is None else f"{best} {fams[best]['mean']:+.2f}{up}")
+        lines.append(f"| {e['row']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -80,7 +108,8 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']}  ", f"Date: {result['date']}", "",
              "**Partial**: missing " + "; ".join(result["missing_rows"] + result["missing_parts"]) + "."
              if result["partial"] else "Complete: every row and part is in.", "",
-             f"Audit `{s['audit']}`: {s['seeds']} paired student seeds (`--seeds auto` where that is inconclusive), "
+             f"Audit `{s['audit']}`: {s['seeds']} paired student seeds"
+             f"{' (`--seeds auto` where that is inconclusive)' if s.get('reaudit', True) else ''}, "
              f"query strategies `{s['queries']['strategies']}` within {s['queries']['budget']} queries; "
              f"calibrated-kd's τ is fitted in [{s['tau_bounds'][0]:g}, {s['tau_bounds'][1]:g}]. Δ in points against "
              "the label-only reference; accuracies in %.", "",
@@ -96,6 +125,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row} | `{e['recipe']}` ({e['recipe_sha256'][:12]}) | {e['seed']} | "
                      f"{_pct(e['test_accuracy'])} | **{e['outcome']}** | {e['seeds']} | {e['strongest']} | {up} | "
                      f"{e['reference']['name']} ({_pct(e['reference']['accuracy'])}) | {tau} | {e['source']} |")
+    lines += strongest_per_strategy(result)
     lines += ["", "## Accuracy over teacher seeds (last-epoch test accuracy, %)", ""]
     for mode, a in result["accuracy_over_teacher_seeds"].items():
         per = ", ".join(f"{k}: {_pct(v)}" for k, v in a["per_seed"].items()) or NOT_YET
@@ -106,8 +136,9 @@ def markdown(result: dict) -> str:
     if isinstance(k, dict):
         lo = "–" if k["lower"] is None else f"{k['lower']:+.2f}"
         up = "–" if k["upper"] is None else f"{k['upper']:+.2f}"
+        p = "–" if k["p_greater"] is None else f"{k['p_greater']:.3g}"
         lines.append(f"Mean {k['mean']:+.2f} over {k['seeds']} seeds; one-sided 95% bounds ≥ {lo} and ≤ {up}; "
-                     f"p (MCMI > CE) {k['p_greater'] if k['p_greater'] is not None else '–'} (from {k['from']}).")
+                     f"p (MCMI > CE) {p} (from {k['from']}). {kd_claim(k)}")
     else:
         lines.append(k or "not asked (needs the ce and mcmi rows)")
     lines += ["", "## Targets", "", "| target | measured | reached |", "|---|---|---|"]
