@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from experiments.teachers import Row
+from experiments.teachers import Row, asked_settings
+from protect.recipes import _canonical, recipe_hash, training_settings
 
 # What two results must share for a teacher entry of one to stand in the other (the resolved options' names).
 SCALE_KEYS = ("dataset", "teacher_arch", "teacher_epochs", "train_limit", "student_arch", "student_epochs", "budget",
@@ -93,6 +94,29 @@ def keep_reason(entry: dict | None, row: Row, sha256: str, reaudit: bool = True)
             f"match; {entry['source']}")
 
 
+def imported_hash(measured: dict, settings: dict, seed: int) -> str | None:
+    """The recipe hash of an imported row's teacher: the one its run recorded, or, for a row written before runs
+    recorded one, the hash of the `protect train` command its mode and flags make at the file's scale, provided the
+    objective options on its model card are that command's (so a default changed since is not taken for it)."""
+    recorded = (measured.get("recipe") or {}).get("sha256")
+    if recorded or "mode" not in measured.get("teacher", {}):
+        return recorded
+    flags = [str(f) for f in measured.get("flags", [])]
+    argv = ["train", "--mode", measured["teacher"]["mode"], *flags, "--dataset", str(settings.get("dataset")),
+            "--arch", str(settings.get("teacher_arch")), "--seed", str(seed), "--out", "imported"]
+    if "--epochs" not in flags:
+        argv += ["--epochs", str(settings.get("teacher_epochs"))]
+    if settings.get("train_limit"):
+        argv += ["--train-limit", str(settings["train_limit"])]
+    try:
+        config = asked_settings(argv)
+    except (SystemExit, Exception):  # flags this protect train no longer has: not the same recipe
+        return None
+    if _canonical(config["objective_options"]) != _canonical(measured["teacher"].get("options", {})):
+        return None
+    return recipe_hash(training_settings(config))
+
+
 def imported_entries(path: Path, rows: list[Row], hashes: dict[str, str], asked: dict,
                      reaudit: bool = True) -> dict[str, dict]:
     """The finished rows of another protection results file (experiments.protection's schema) that match `rows`,
@@ -114,7 +138,7 @@ def imported_entries(path: Path, rows: list[Row], hashes: dict[str, str], asked:
         if measured is None or row.policy or row.recalibrate:
             continue
         name_seed = int(row.name.partition("@")[2] or default_seed)
-        sha = (measured.get("recipe") or {}).get("sha256")
+        sha = imported_hash(measured, result["settings"], name_seed)
         if name_seed != row.teacher.seed or sha != hashes[row.name]:
             print(f"--import {path}: {row.name} not taken: recipe hash {str(sha)[:12]} at teacher seed {name_seed} "
                   f"(asked: {hashes[row.name][:12]} at {row.teacher.seed})", flush=True)
