@@ -80,6 +80,21 @@ def measure(work: Path, row: Row, args) -> dict:
     return teacher_entry(row, done, done["recipe"]["sha256"], kd, seeds, "measured")
 
 
+def kd_students(work: Path, row: Row, args) -> list[float]:
+    """The KD students of a row kept without their per-seed accuracies (an imported summary): an audit of its
+    teacher by the KD families alone, at the same transfer set, seeds and grid, into reports/ROW-kd. Students are
+    chosen family by family on validation, so these are the KD students the whole battery trains."""
+    from experiments.audits import audit, export
+    from experiments.teachers import train_teachers
+
+    train_teachers(work, [row.teacher], args)
+    model = export(work, row.model, work / "runs" / row.teacher.run, args)
+    kd = [a for a in args.attacks.split(",") if a == "kd" or a.startswith("kd-")]  # the battery's KD variants
+    only = argparse.Namespace(**{**vars(args), "attacks": ",".join(kd) if kd and args.attacks != "all" else "kd"})
+    audit(work, model, f"{row.name}-kd", row.policy, only, SCRIPT)
+    return kd_accuracies(work / "reports" / f"{row.name}-kd" / "report.json")
+
+
 def accuracy_entry(recipe: str, sha256: str, per_seed: dict[str, float]) -> dict:
     per = {k: per_seed[k] for k in sorted(per_seed, key=int)}
     return {"recipe": recipe, "recipe_sha256": sha256, "seeds": [int(k) for k in per],
@@ -164,6 +179,13 @@ def main() -> None:
     for r in rows:
         if r.name not in teachers:
             teachers[r.name] = measure(work, r, args)
+            write()
+    for r in rows:  # the MCMI-vs-CE comparison needs both rows' KD students seed by seed
+        if {"ce", "mcmi"} <= set(teachers) and r.name in ("ce", "mcmi") and isinstance(mcmi_vs_ce_kd(teachers), str) \
+                and not teachers[r.name].get("kd_student_accuracy"):
+            print(f"{r.name}: its KD students' per-seed accuracies are not in the kept row: a KD-only audit", flush=True)
+            teachers[r.name] = {**teachers[r.name], "kd_student_accuracy": kd_students(work, r, args),
+                                "kd_students_from": f"reports/{r.name}-kd"}
             write()
     for m, recipe in modes.items():
         missing = [s for s in range(args.accuracy_seeds) if s not in accuracy[m]["seeds"]]
