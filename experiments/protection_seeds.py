@@ -7,13 +7,15 @@ What it runs, in order, writing its results file after each step:
      a row inconclusive there is re-audited with `--seeds auto` (up to 12 seeds; its students are reused);
   2. the accuracy of ce and cmim over teacher seeds 0-4 (last-epoch test accuracy, as experiments.teacher_seeds
      reads it; runs shared with the rows', so cmim@1 trains once);
-  3. the MCMI teacher's KD student − the CE teacher's KD student, paired by student seed.
+  3. the MCMI teacher's KD student − the CE teacher's KD student, paired by student seed (from the two rows'
+     audit reports; a row imported without them gets a KD-only audit, the same KD students).
 
 Targets: each CMIM teacher undistillable, the CE teacher distillable, mean CMIM accuracy ≥ mean CE − 0.3 points
 (the results' .md says which are reached, "not yet measured" for what is missing).
 
-Cost on 2 CPU cores: hours per row (a teacher, then some 15 families × 8 students), about a day for all of it;
-on a GPU (`--device cuda --jobs N`) far less.
+Cost on 2 CPU cores: about 8 minutes per teacher and 1.2 hours per row's audit (13 families × 8 students; the
+ce row took 74 minutes), half as much again for a row re-audited with --seeds auto: some 9 to 12 hours in all,
+over several sessions if need be. On a GPU (`--device cuda --jobs N`) far less.
 
 Resuming: the results file is bench/results/protection-seeds-<dataset>.json (+ .md), marked `partial` with its
 missing rows and parts until everything is in. On start it is read back: every teacher entry whose recipe name,
