@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from experiments.teachers import Row, asked_settings
-from protect.recipes import _canonical, recipe_hash, training_settings
+from protect.recipes import recipe_hash, training_settings
 
 # What two results must share for a teacher entry of one to stand in the other (the resolved options' names).
 SCALE_KEYS = ("dataset", "teacher_arch", "teacher_epochs", "train_limit", "student_arch", "student_epochs", "budget",
@@ -112,7 +112,7 @@ def imported_hash(measured: dict, settings: dict, seed: int) -> str | None:
         config = asked_settings(argv)
     except (SystemExit, Exception):  # flags this protect train no longer has: not the same recipe
         return None
-    if _canonical(config["objective_options"]) != _canonical(measured["teacher"].get("options", {})):
+    if recipe_hash(config["objective_options"]) != recipe_hash(measured["teacher"].get("options", {})):
         return None
     return recipe_hash(training_settings(config))
 
