@@ -12,12 +12,11 @@ reused on a rerun. Results: bench/results/ablation-<dataset>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from experiments.audits import produce_rows
-from experiments.common import provenance, timing_line
+from experiments.common import provenance, timing_line, write_results
 from experiments.scale import add_audit_args, add_teacher_args, resolve_scale
 from experiments.tables import audit_cells, family_table, recipe_line, trained_line
 from experiments.teachers import parse_row, valid_recipes
@@ -71,8 +70,7 @@ def main() -> None:
 
     def write(done: dict) -> None:
         result = {**provenance("experiments.ablation", args, started, work), "variants": done}
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        stem.with_suffix(".md").write_text(markdown(result))
+        write_results(stem.with_suffix(".json"), result, markdown)
 
     done = produce_rows(work, rows, args, write, "experiments.ablation")
     print(stem.with_suffix(".md").read_text() if done else "no rows")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from protect.atomic import write_atomic
 from protect.history import training_seconds
 from protect.host import cpu_count
 
@@ -49,3 +50,11 @@ def timing_line(result: dict) -> str:
     rec = result["recorded_training_seconds"]
     return (f"Date: {result['date']}; training time recorded in the artifacts: teachers {rec['teachers'] / 60:.1f} min, "
             f"students {rec['students'] / 60:.1f} min (this invocation: {result['wall_seconds'] / 60:.1f} min wall)")
+
+
+def write_results(json_path: Path, result: dict, markdown) -> None:
+    """The results file and its markdown beside it, each written atomically: an experiment rewrites them after
+    every row, and a crash mid-write must not leave the previous rows unreadable."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(json_path, json.dumps(result, indent=2) + "\n")
+    write_atomic(json_path.with_suffix(".md"), markdown(result))

@@ -15,12 +15,11 @@ Results: bench/results/protection-<dataset>.{json,md}, rewritten after each row.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from experiments.audits import produce_rows
-from experiments.common import provenance, timing_line
+from experiments.common import provenance, timing_line, write_results
 from experiments.query_strategies import strategy_table
 from experiments.scale import add_audit_args, add_teacher_args, resolve_scale
 from experiments.tables import audit_cells, family_table, recipe_line, trained_line
@@ -114,8 +113,7 @@ def main() -> None:
     def write(done: dict) -> None:
         result = {**provenance("experiments.protection", args, started, work), "teachers": done,
                   "targets": evaluate_targets(done, args.seeds)}
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        stem.with_suffix(".md").write_text(markdown(result))
+        write_results(stem.with_suffix(".json"), result, markdown)
 
     done = produce_rows(work, rows, args, write, "experiments.protection")
     print(stem.with_suffix(".md").read_text() if done else "no rows")

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from experiments.audits import produce_rows
-from experiments.common import machine
+from experiments.common import machine, write_results
 from experiments.scale import add_audit_args, add_teacher_args, resolve_scale
 from experiments.seed_report import evaluate_targets, markdown, mcmi_vs_ce_kd
 from experiments.seed_rows import (imported_entries, kd_accuracies, keep_reason, scale, scale_differences,
@@ -173,9 +173,7 @@ def main() -> None:
                   "asked_rows": [r.name for r in rows], "teachers": [teachers[r.name] for r in rows if r.name in teachers],
                   "accuracy_over_teacher_seeds": accuracy, "mcmi_vs_ce_kd": kd}
         result["targets"] = evaluate_targets(result)
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown(result))
+        write_results(path, result, markdown)
 
     write()
     for r in rows:

@@ -12,13 +12,12 @@ Results: bench/results/teacher-seeds-<dataset>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 from audit.stats import summarise, t_quantile
-from experiments.common import provenance
+from experiments.common import provenance, write_results
 from experiments.scale import add_teacher_args, resolve_teacher_scale
 from experiments.teachers import Teacher, load_recipe, train_teachers
 from protect.history import read_metrics, training_seconds
@@ -107,8 +106,7 @@ def main() -> None:
               "drop_max_points": DROP_MAX_POINTS}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"teacher-seeds-{args.dataset}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
+    write_results(stem.with_suffix(".json"), result, markdown)
     print(stem.with_suffix(".md").read_text())
 
 
