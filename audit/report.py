@@ -56,19 +56,19 @@ def _config(entry: dict) -> str:
     return f" ({sel})" if sel and sel != entry.get("attack") else ""
 
 
-def _reference_family(report: dict) -> str:
+def reference_family(report: dict) -> str:
     """The verdict's label-only reference: `ls`, or the `ls@strategy` that won on validation (audit.queries)."""
     return (report["verdict"].get("reference") or {}).get("family") or "ls"
 
 
 def _ls_accuracy(report: dict) -> str:
-    s = report["references"].get(_reference_family(report), {}).get("summary") or {}
+    s = report["references"].get(reference_family(report), {}).get("summary") or {}
     return f"{100 * s['mean']:.2f}%" if s.get("mean") is not None else "–"
 
 
 def _reference_words(report: dict) -> str:
     """'the label-smoothing student (LS 88.30%)', or the winning label-only student on a strategy's inputs."""
-    ref = _reference_family(report)
+    ref = reference_family(report)
     if ref == "ls":
         return f"the label-smoothing student (LS {_ls_accuracy(report)})"
     return f"the best label-only student ({ref}, {_ls_accuracy(report)}: LS on {ref.split('@', 1)[1]} inputs)"
@@ -122,7 +122,7 @@ def rows(report: dict) -> list[dict]:
     refs = report["references"]
     fams = report["verdict"].get("families") or {}
     ls = refs.get("ls", {})
-    winner = _reference_family(report)
+    winner = reference_family(report)
     if ls.get("summary"):
         out.append({"name": f"LS (ε={ls['best_epsilon']:g}, {'reference' if winner == 'ls' else 'label-only'})",
                     "acc": ls["summary"], "delta": ls.get("delta"), "test": None, "status": "reference"})

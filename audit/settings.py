@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit.attacks import LS_EPSILONS
+from audit.queries import DEFAULT_QUERIES
 from audit.ray_jobs import RayOptions
 from audit.recover import DEFAULT_FLOOR
 from protect.defaults import UsageError
@@ -42,7 +43,7 @@ class AuditSettings:
     selection_seeds: int = 1
     budget: int | None = None
     kd_grid: str = "full"
-    queries: str = "rows"  # query strategies (audit.queries): rows, or rows plus synthetic ones, e.g. "rows,mixup"
+    queries: str = DEFAULT_QUERIES  # query strategies (audit.queries), comma-separated; rows always included
     query_rounds: int = 1  # each synthetic strategy asks query_rounds × the training rows
     label_controls: bool = False  # also train each soft attack's choice on one-hot true labels (docs/audit.md)
     ls_epsilons: tuple[float, ...] = LS_EPSILONS

@@ -3,11 +3,13 @@ BentoML behind an API key, audit each over HTTP with converged students and pair
 side by side (the LS student's accuracy beside every Δ) with the paths of the HTML reports.
 
 Sized for 2 CPU cores in under 20 minutes: `cnn-small` teachers, 8 epochs on all 60,000 training rows; the
-audit's converged `cnn-tiny` students on 10,000 transfer rows (1,000 of them the validation slice), 5 paired seeds,
-the attack families of `--attacks` (KD over its quick grid and logit standardisation: the strongest against a CE
-teacher in bench/results/ablation-fashion-mnist.md), the LS reference at ε 0.1 and no plain CE student. The
-reference students never see a teacher, so the CMIM audit reuses the CE audit's. Everything lands in demo_output/
-and a second run reuses it: teachers, models, answers, students.
+audit's converged `cnn-tiny` students within 10,000 queries and the audit's default query strategies (rows and
+mixtures of them: 5,263 real rows, 526 of them the validation slice, and 4,737 mixtures), 5 paired seeds, the
+attack families of `--attacks` (KD over its quick grid, on the rows and on the mixtures, and logit
+standardisation: the strongest against a CE teacher in bench/results/ablation-fashion-mnist.md), the label-only
+references at ε 0.1 (LS on the rows, on the mixtures) and no plain CE student. The reference students never see a
+teacher, so the CMIM audit reuses the CE audit's. Everything lands in demo_output/ and a second run reuses it:
+teachers, models, answers, students.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from audit.queries import DEFAULT_QUERIES
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(stderr=True)
@@ -78,7 +82,7 @@ def serve_and_audit(out: Path, mode: str, model: Path, args) -> dict:
         console.print(f"serving on {server.url} (API key required; key in {key_file})")
         sh(bin_("audit"), "run", "--endpoint", server.url, "--dataset", "fashion-mnist", "--attacks", args.attacks,
            "--kd-grid", args.kd_grid, "--ls-epsilons", args.ls_epsilons, "--seeds", args.seeds,
-           "--budget", str(args.budget), "--no-ce-reference", "--references", str(out / "references"),
+           "--budget", str(args.budget), "--queries", args.queries, "--no-ce-reference", "--references", str(out / "references"),
            "--out", str(report_dir),
            env={"AUDIT_API_KEY": key_file.read_text().strip()})  # via the environment: never echoed
     return json.loads((report_dir / "report.json").read_text())
@@ -92,7 +96,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "demo_output")
     p.add_argument("--teacher-arch", default="cnn-small")
     p.add_argument("--teacher-epochs", type=int, default=8)
-    p.add_argument("--budget", type=int, default=10000, help="transfer rows each audit queries")
+    p.add_argument("--budget", type=int, default=10000, help="queries each audit asks, real rows and synthetic ones")
+    p.add_argument("--queries", default=DEFAULT_QUERIES,
+                   help=f"the audits' query strategies (default {DEFAULT_QUERIES}, audit run's; 'rows': the rows alone)")
     p.add_argument("--seeds", default="5", help="paired seeds per audit, or 'auto'")
     p.add_argument("--attacks", default="kd,logit-std", help="attack families (the full battery: 'all')")
     p.add_argument("--kd-grid", default="quick", choices=["quick", "full"])
@@ -105,21 +111,23 @@ def main() -> None:
         model = teacher(args.out, mode, args)
         step(f"{mode} teacher: serve and audit over HTTP")
         rows[mode] = (model, serve_and_audit(args.out, mode, model, args))
+    from audit.report import reference_family
     from protect.card import load_card
 
     table = Table(title=f"CE vs CMIM on Fashion-MNIST ({time.time() - started:.0f} s)")
-    for col in ("teacher", "test acc", "CMI T=1", "LS student", "strongest family (Δ, points)", "largest upper bound",
-                "outcome"):
+    for col in ("teacher", "test acc", "CMI T=1", "label-only student", "strongest family (Δ, points)",
+                "largest upper bound", "outcome"):
         table.add_column(col)
     for mode, (model, report) in rows.items():
         card = load_card(model)
         v = report["verdict"]
-        ls = report["references"]["ls"].get("summary") or {}
+        reference = reference_family(report)  # `ls`, or the `ls@strategy` that won on validation
+        ls = report["references"].get(reference, {}).get("summary") or {}
         fams = v.get("families") or {}
         upper = max((f["upper"] for f in fams.values() if f["upper"] is not None), default=None)
         strongest = v.get("strongest_attack")
         table.add_row(mode, f"{card.test_accuracy * 100:.2f}%", f"{card.cmi['1']:.4f}",
-                      f"{ls.get('mean', float('nan')) * 100:.2f}%",
+                      f"{reference} {ls.get('mean', float('nan')) * 100:.2f}%",
                       f"{strongest} ({v['best_delta']:+.2f})" if strongest else "–",
                       f"{upper:+.2f}" if upper is not None else "–",
                       f"[{OUTCOME_STYLE.get(v['outcome'], 'white')}]{v['outcome']}[/]")

@@ -25,7 +25,8 @@ from conftest import run_cli
 
 KEY = "k-test"
 COMMON = ["--dataset", "digits", "--student", "cnn-tiny", "--seeds", "2", "--epochs", "2", "--budget", "600",
-          "--query-batch", "100", "--jobs", "1", "--threads", "1", "--quiet"]
+          "--query-batch", "100", "--jobs", "1", "--threads", "1", "--quiet",
+          "--queries", "rows"]  # the rows alone: the default adds mixup, tested in test_audit_queries and the README
 ATTACKS = ["--attacks", "kd-T4-a0.9,hard-label,vid"]
 
 

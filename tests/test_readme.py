@@ -59,5 +59,10 @@ def test_quickstart_runs_as_printed(tmp_path: Path):
     assert len(answer["predictions"]) == 2
     report = json.loads((tmp_path / "reports/quick/report.json").read_text())
     assert report["verdict"]["outcome"] in {"distillable", "undistillable", "inconclusive"}
+    # the default query strategies: the budget's 600 queries are real rows and mixtures of them, and KD trains on both
+    budget = report["queries"]["budget"]
+    assert set(report["queries"]["strategies"]) == {"rows", "mixup"}
+    assert budget["synthetic"] > 0 and budget["rows"] + budget["synthetic"] == budget["total"] == 600, budget
+    assert {"kd", "kd@mixup", "logit-std"} <= set(report["attacks"])
     usage = next(line.split() for line in lines if line.startswith("quickstart "))
     assert usage[2:4] == ["1000", "602"], usage  # budget, served: the audit's 600 rows and the 2 of the query
