@@ -1,9 +1,9 @@
 """The end-to-end demo (`make demo`): train a CE and a CMIM teacher on Fashion-MNIST, export both, serve each with
 BentoML behind an API key, audit each over HTTP with converged students and paired seeds, and print the outcomes
-side by side (the LS student's accuracy beside every Δ) with the paths of the HTML reports.
+side by side (the label-only student's accuracy beside every Δ) with the paths of the HTML reports.
 
-Sized for 2 CPU cores, about 20 minutes (19.3 min wall with the venv in place, 2026-12-07): `cnn-small` teachers, 8 epochs on all 60,000 training rows; the
-audit's converged `cnn-tiny` students within 10,000 queries and the audit's default query strategies (rows and
+Sized for 2 CPU cores, about 20 minutes (19.3 min wall with the venv in place, 2026-12-07): `cnn-small`
+teachers, 8 epochs on all 60,000 training rows; the audit's converged `cnn-tiny` students within 10,000 queries and the audit's default query strategies (rows and
 mixtures of them: 5,263 real rows, 526 of them the validation slice, and 4,737 mixtures), 5 paired seeds, the
 attack families of `--attacks` (KD over its quick grid, on the rows and on the mixtures, and logit
 standardisation: the strongest against a CE teacher in bench/results/ablation-fashion-mnist.md), the label-only
