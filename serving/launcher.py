@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 
 
+BIND_ATTEMPTS = 3
+
+
+class PortTaken(Exception):
+    """The chosen port was bound by another process between choosing it and `bentoml serve` binding it."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,19 +45,36 @@ class Server:
     def argv(self) -> list[str]:
         return [BENTOML, "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
 
-    def start(self, timeout: float = 120) -> Server:
+    def start(self, timeout: float = 120, attempts: int = BIND_ATTEMPTS) -> Server:
+        """Start on a free loopback port and wait until ready. The port is free when chosen but may be taken
+        before `bentoml serve` binds it (a Ray node or another server opens ports all the time): a start that
+        dies with "Address already in use" is retried on a fresh port, up to `attempts` starts."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                if attempt == attempts:
+                    raise RuntimeError(f"{attempts} starts found their port taken before bentoml bound it:\n"
+                                       f"{self.log_text()[-3000:]}") from None
+
+    def _start_once(self, timeout: float) -> Server:
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BENTOML_DO_NOT_TRACK": "true",
                "UNDISTILLABLE_ORT_THREADS": "1", **self.env}
         env = {k: v for k, v in env.items() if v is not None}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.log, "ab")
+        logged_before = self._fh.tell()
         self.proc = subprocess.Popen(self.argv(), cwd=self.cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv()[0]} exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+                code, this_start = self.proc.returncode, self.log.read_bytes()[logged_before:].decode(errors="replace")
+                self.stop()
+                if "Address already in use" in this_start:
+                    raise PortTaken(self.port)
+                raise RuntimeError(f"{self.argv()[0]} exited {code}:\n{this_start[-3000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return self

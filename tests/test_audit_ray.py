@@ -20,10 +20,11 @@ TASK_TITLE = "ray::train_student_task"  # the process title of a Ray worker whil
 RAY_ENV = LOOPBACK_ENV  # a loopback test cluster: no usage report, no token (whatever ~/.ray holds)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address():
-    """A one-node Ray cluster (2 CPUs, 200 MB object store) for the session, stopped at the end whatever
-    happened: the head runs in the foreground (`ray start --block`) in its own process group."""
+    """A one-node Ray cluster (2 CPUs, 200 MB object store) for this module, stopped at its end whatever
+    happened: the head runs in the foreground (`ray start --block`) in its own process group. Not kept for the
+    session: a live Ray node keeps opening loopback ports, and the later tests' servers bind ports too."""
     head = start_head(2, 200 * 1024 ** 2)
     try:
         yield head.address

@@ -472,3 +472,26 @@ def test_policy_arrays_and_npy_header_in_process(digits_x):
     with pytest.raises(InputError) as exc:
         npy_header(obj.getvalue())
     assert exc.value.error == "pickled_npy"
+
+
+def test_a_port_taken_before_bentoml_binds_it_is_retried_on_a_fresh_one(model_dir, tmp_path, monkeypatch):
+    """free_port() hands out a port that is free when chosen; a Ray node or another server may bind it before
+    `bentoml serve` does. The launcher retries that start on a fresh port instead of failing the caller."""
+    import socket
+
+    from serving import launcher
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        real = launcher.free_port
+        monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real())
+        srv = Server(settings(model_dir, tmp_path, require_keys="off"), tmp_path / "serve.log").start()
+        try:
+            assert srv.port != taken.getsockname()[1]
+            with srv.client() as c:
+                assert c.get("/metadata").status_code == 200
+            assert "Address already in use" in srv.log_text()  # the first start did meet the taken port
+        finally:
+            srv.stop()
