@@ -2,14 +2,14 @@
 BentoML behind an API key, audit each over HTTP with converged students and paired seeds, and print the outcomes
 side by side (the label-only student's accuracy beside every Δ) with the paths of the HTML reports.
 
-Sized for 2 CPU cores, about 20 minutes (19.3 min wall with the venv in place, 2026-12-07): `cnn-small`
-teachers, 8 epochs on all 60,000 training rows; the audit's converged `cnn-tiny` students within 10,000 queries and the audit's default query strategies (rows and
-mixtures of them: 5,263 real rows, 526 of them the validation slice, and 4,737 mixtures), 5 paired seeds, the
-attack families of `--attacks` (KD over its quick grid, on the rows and on the mixtures, and logit
-standardisation: the strongest against a CE teacher in bench/results/ablation-fashion-mnist.md), the label-only
-references at ε 0.1 (LS on the rows, on the mixtures) and no plain CE student. The reference students never see a
-teacher, so the CMIM audit reuses the CE audit's. Everything lands in demo_output/ and a second run reuses it:
-teachers, models, answers, students.
+Sized for 2 CPU cores, about 20 minutes (19.3 min wall with the venv in place, 2026-12-07): `cnn-small` teachers, 8
+epochs on all 60,000 training rows; the audit's converged `cnn-tiny` students within 10,000 queries and the audit's
+default query strategies (rows and mixtures of them: 5,263 real rows, 526 of them the validation slice, and 4,737
+mixtures), 5 paired seeds, the attack families of `--attacks` (KD over its quick grid, on the rows and on the
+mixtures, and logit standardisation: the strongest against a CE teacher in bench/results/ablation-fashion-mnist.md),
+the label-only references at ε 0.1 (LS on the rows, on the mixtures) and no plain CE student. The reference students
+never see a teacher, so the CMIM audit reuses the CE audit's. Everything lands in demo_output/ and a second run
+reuses it: teachers, models, answers, students.
 """
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def serve_and_audit(out: Path, mode: str, model: Path, args) -> dict:
         console.print(f"serving on {server.url} (API key required; key in {key_file})")
         sh(bin_("audit"), "run", "--endpoint", server.url, "--dataset", "fashion-mnist", "--attacks", args.attacks,
            "--kd-grid", args.kd_grid, "--ls-epsilons", args.ls_epsilons, "--seeds", args.seeds,
-           "--budget", str(args.budget), "--queries", args.queries, "--no-ce-reference", "--references", str(out / "references"),
+           "--budget", str(args.budget), "--queries", args.queries, "--no-ce-reference",
+           "--references", str(out / "references"),
            "--out", str(report_dir),
            env={"AUDIT_API_KEY": key_file.read_text().strip()})  # via the environment: never echoed
     return json.loads((report_dir / "report.json").read_text())
@@ -98,7 +99,8 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--budget", type=int, default=10000, help="queries each audit asks, real rows and synthetic ones")
     p.add_argument("--queries", default=DEFAULT_QUERIES,
-                   help=f"the audits' query strategies (default {DEFAULT_QUERIES}, audit run's; 'rows': the rows alone)")
+                   help=f"the audits' query strategies (default {DEFAULT_QUERIES}, audit run's; 'rows': the rows "
+                        "alone)")
     p.add_argument("--seeds", default="5", help="paired seeds per audit, or 'auto'")
     p.add_argument("--attacks", default="kd,logit-std", help="attack families (the full battery: 'all')")
     p.add_argument("--kd-grid", default="quick", choices=["quick", "full"])
@@ -122,12 +124,12 @@ def main() -> None:
         card = load_card(model)
         v = report["verdict"]
         reference = reference_family(report)  # `ls`, or the `ls@strategy` that won on validation
-        ls = report["references"].get(reference, {}).get("summary") or {}
+        ref_summary = report["references"].get(reference, {}).get("summary") or {}
         fams = v.get("families") or {}
         upper = max((f["upper"] for f in fams.values() if f["upper"] is not None), default=None)
         strongest = v.get("strongest_attack")
         table.add_row(mode, f"{card.test_accuracy * 100:.2f}%", f"{card.cmi['1']:.4f}",
-                      f"{reference} {ls.get('mean', float('nan')) * 100:.2f}%",
+                      f"{reference} {ref_summary.get('mean', float('nan')) * 100:.2f}%",
                       f"{strongest} ({v['best_delta']:+.2f})" if strongest else "–",
                       f"{upper:+.2f}" if upper is not None else "–",
                       f"[{OUTCOME_STYLE.get(v['outcome'], 'white')}]{v['outcome']}[/]")

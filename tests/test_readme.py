@@ -4,11 +4,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from serving.launcher import free_port
 from tests.conftest import ROOT
 
 
@@ -23,12 +23,6 @@ def test_library_example_runs():
     namespace: dict = {}
     exec(compile(readme_block("library", "python"), "README.md", "exec"), namespace)  # noqa: S102
     assert set(namespace["criterion"].last_terms) == {"ce", "cmi"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_quickstart_runs_as_printed(tmp_path: Path):

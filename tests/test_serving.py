@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -477,8 +478,6 @@ def test_policy_arrays_and_npy_header_in_process(digits_x):
 def test_a_port_taken_before_bentoml_binds_it_is_retried_on_a_fresh_one(model_dir, tmp_path, monkeypatch):
     """free_port() hands out a port that is free when chosen; a Ray node or another server may bind it before
     `bentoml serve` does. The launcher retries that start on a fresh port instead of failing the caller."""
-    import socket
-
     from serving import launcher
 
     with socket.socket() as taken:
